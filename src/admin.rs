@@ -1,0 +1,326 @@
+//! The ops listener (`server.admin_listen`, SPEC §5).
+//!
+//! Open: `GET /health` (liveness, upstream health, effective split), `GET /ready` (503 while
+//! starting or draining), `GET /metrics` (Prometheus text).
+//! Bearer token (compared in constant time): `GET|PUT|DELETE /admin/split`,
+//! `POST /admin/rollback`, `POST /admin/ramp`, `GET /admin/status`, `GET /admin/explain`,
+//! `GET /admin/shadow`, `GET /admin/audit`.
+//! Bodies are JSON; bad input is a 400 `{"error": ...}`, an unknown route name a 404.
+//! Every change goes through `control`; nothing here writes routing state itself.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::app::App;
+use crate::config::Percent;
+use crate::control::{ControlError, RampAction};
+use crate::metrics::RollbackTrigger;
+use crate::routing::{bucket_for, random_bucket, Backend, Reason};
+use crate::upstream::VastaiUpstream;
+
+/// An error answer: status and a message for `{"error": ...}`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> ApiError {
+        match e {
+            ControlError::UnknownRoute(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            ControlError::Conflict(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
+        }
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+/// The ops router.
+pub fn router(app: Arc<App>) -> Router {
+    let admin = Router::new()
+        .route(
+            "/admin/split",
+            get(get_split).put(put_split).delete(delete_split),
+        )
+        .route("/admin/rollback", post(rollback))
+        .route("/admin/ramp", post(ramp))
+        .route("/admin/status", get(status))
+        .route("/admin/explain", get(explain))
+        .route("/admin/shadow", get(shadow))
+        .route("/admin/audit", get(audit))
+        .route("/admin/{*rest}", axum::routing::any(not_found))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            authenticate,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .merge(admin)
+        .fallback(not_found)
+        .with_state(app)
+}
+
+/// Whether an address is loopback, where an admin API without a token may stay open.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let Some(token) = &app.admin_token else {
+        // No token: only reachable because the listener is loopback (checked at start).
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        next.run(req).await
+    } else {
+        let mut resp = ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        )
+        .into_response();
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        resp
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "not found".into())
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let rt = app.proxy.runtime.load();
+    let vastai_target = match &rt.upstreams.vastai {
+        VastaiUpstream::Http(up) => up.base().map(|b| b.to_string()),
+        VastaiUpstream::Serverless(s) => Some(format!("serverless endpoint {}", s.endpoint)),
+    };
+    let split = app.control.split_document();
+    Json(json!({
+        "status": "ok",
+        "upstreams": {
+            "legacy": {
+                "healthy": app.health.is_healthy(Backend::Legacy),
+                "target": rt.upstreams.legacy.base().map(|b| b.to_string()),
+            },
+            "vastai": {
+                "healthy": app.health.is_healthy(Backend::Vastai),
+                "target": vastai_target,
+            },
+        },
+        "split": split,
+    }))
+    .into_response()
+}
+
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    if app.is_ready() {
+        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn get_split(State(app): State<Arc<App>>) -> Response {
+    Json(app.control.split_document()).into_response()
+}
+
+/// Parses a JSON body into `T`, answering 400 on anything malformed. An empty body is `{}`.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SplitBody {
+    percent: Option<serde_json::Value>,
+    route: Option<String>,
+    reason: Option<String>,
+}
+
+fn parse_percent(v: Option<serde_json::Value>) -> Result<Percent, ApiError> {
+    let v = v.ok_or_else(|| bad_request("percent is required"))?;
+    let n = v
+        .as_f64()
+        .ok_or_else(|| bad_request(format!("percent must be a number, got {v}")))?;
+    Percent::try_from(n).map_err(bad_request)
+}
+
+fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
+    match reason {
+        Some(r) if r.len() > 1000 => Err(bad_request("reason is longer than 1000 characters")),
+        _ => Ok(()),
+    }
+}
+
+async fn put_split(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
+    let b: SplitBody = parse_body(&body)?;
+    let percent = parse_percent(b.percent)?;
+    check_reason(&b.reason)?;
+    let doc = app
+        .control
+        .set_percent(b.route.as_deref(), percent, b.reason)?;
+    Ok(Json(doc).into_response())
+}
+
+async fn delete_split(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    if let Some(k) = q
+        .keys()
+        .find(|k| k.as_str() != "route" && k.as_str() != "reason")
+    {
+        return Err(bad_request(format!("unknown query parameter {k:?}")));
+    }
+    let doc = app
+        .control
+        .clear_override(q.get("route").map(String::as_str), q.get("reason").cloned())?;
+    Ok(Json(doc).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    reason: Option<String>,
+}
+
+async fn rollback(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
+    let b: RollbackBody = parse_body(&body)?;
+    check_reason(&b.reason)?;
+    Ok(Json(app.control.rollback(RollbackTrigger::Admin, b.reason)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RampBody {
+    action: Option<String>,
+}
+
+async fn ramp(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
+    let b: RampBody = parse_body(&body)?;
+    let progress = match b.action.as_deref() {
+        Some("start") => Some(app.control.ramp_start()?),
+        Some("pause") => app.control.ramp_action(RampAction::Pause)?,
+        Some("resume") => app.control.ramp_action(RampAction::Resume)?,
+        Some("abort") => app.control.ramp_action(RampAction::Abort)?,
+        Some(other) => {
+            return Err(bad_request(format!(
+                "action must be start, pause, resume or abort, got {other:?}"
+            )))
+        }
+        None => return Err(bad_request("action is required")),
+    };
+    let config = app.control.config();
+    let doc = crate::ramp::RampDocument::new(
+        progress.as_ref(),
+        &config.ramp.steps,
+        config.ramp.hold_secs,
+    );
+    Ok(Json(json!({"ramp": doc, "split": app.control.split_document()})).into_response())
+}
+
+async fn status(State(app): State<Arc<App>>) -> Response {
+    Json(crate::status::report(&app)).into_response()
+}
+
+async fn explain(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let table = app.control.table();
+    let path = q.get("path").map_or("/", String::as_str);
+    if !path.starts_with('/') {
+        return Err(bad_request("path must start with /"));
+    }
+    let method = q.get("method").map_or("GET", String::as_str);
+    let method =
+        http::Method::from_bytes(method.as_bytes()).map_err(|_| bad_request("invalid method"))?;
+    let route = table.match_route(&method, path);
+    let (bucket, keyed) = match q.get("key") {
+        Some(k) => (bucket_for(&table.salt, k), true),
+        None => (random_bucket(), false),
+    };
+    let d = table.decide(route, None, bucket);
+    let percent = d.percent.as_f64();
+    let reason = match (d.reason, keyed) {
+        (Reason::OverrideHeader, _) => "override header".to_string(),
+        (Reason::Split, true) => format!(
+            "bucket {bucket} {} {} (percent x 100) of route {}",
+            if d.backend == Backend::Vastai {
+                "<"
+            } else {
+                ">="
+            },
+            d.percent.hundredths(),
+            table.route_name(route)
+        ),
+        (Reason::Split, false) => {
+            format!("no key: a random bucket per request; {percent}% of such requests go to vastai")
+        }
+    };
+    Ok(Json(json!({
+        "route": table.route_name(route),
+        "percent": percent,
+        "bucket": bucket,
+        "backend": d.backend.as_str(),
+        "reason": reason,
+        "rolled_back": table.rolled_back,
+    }))
+    .into_response())
+}
+
+async fn shadow(State(app): State<Arc<App>>) -> Response {
+    Json(app.shadow.document()).into_response()
+}
+
+async fn audit(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let _ = headers;
+    Json(app.control.audit_log()).into_response()
+}

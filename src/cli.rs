@@ -1,0 +1,295 @@
+//! The admin client commands: `vastshift status`, `set`, `rollback` and `healthcheck`.
+//!
+//! They talk to a running vastshift's ops listener over HTTP and exit 0 (ok), 1 (a check
+//! failed) or 2 (usage, connection or authorisation error), per SPEC §1. The token is sent as a
+//! bearer token and never printed.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// Exit codes of SPEC §1.
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_CHECK_FAILED: i32 = 1;
+pub const EXIT_ERROR: i32 = 2;
+
+/// Where the admin API is and how to authenticate.
+pub struct AdminClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+/// A failed admin call, already phrased for a person.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CliError(pub String);
+
+impl AdminClient {
+    pub fn new(base: &str, token: Option<String>) -> Result<AdminClient, CliError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| CliError(format!("cannot build HTTP client: {e}")))?;
+        Ok(AdminClient {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.filter(|t| !t.is_empty()),
+            http,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, CliError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| {
+            CliError(format!(
+                "cannot reach the admin API at {}: {}",
+                self.base,
+                short(&e)
+            ))
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(CliError(
+                "the admin API refused the token (401): set VASTSHIFT_ADMIN_TOKEN to the server's token".into(),
+            ));
+        }
+        if !status.is_success() {
+            let msg = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map_or_else(|| value.to_string(), str::to_string);
+            return Err(CliError(format!("the admin API answered {status}: {msg}")));
+        }
+        Ok(value)
+    }
+}
+
+fn short(e: &reqwest::Error) -> String {
+    if e.is_connect() {
+        "connection refused or unreachable".into()
+    } else if e.is_timeout() {
+        "timed out".into()
+    } else {
+        e.to_string()
+    }
+}
+
+/// `vastshift status`: prints the report; exit 0 when every check passes, 1 otherwise.
+pub async fn status(client: &AdminClient, as_json: bool) -> i32 {
+    match client
+        .call(reqwest::Method::GET, "/admin/status", None)
+        .await
+    {
+        Ok(report) => {
+            if as_json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", render_status(&report));
+            }
+            if report.get("passed").and_then(Value::as_bool) == Some(true) {
+                EXIT_OK
+            } else {
+                EXIT_CHECK_FAILED
+            }
+        }
+        Err(e) => {
+            eprintln!("vastshift status: {e}");
+            EXIT_ERROR
+        }
+    }
+}
+
+/// The human form of the status report: the verdict line first, then one line per check.
+pub fn render_status(r: &Value) -> String {
+    let mut out = String::new();
+    let passed = r.get("passed").and_then(Value::as_bool) == Some(true);
+    out.push_str(if passed {
+        "Migration PASSED\n"
+    } else {
+        "Migration FAILED\n"
+    });
+    for c in r
+        .get("checks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
+        let ok = c.get("passed").and_then(Value::as_bool) == Some(true);
+        let detail = c.get("detail").and_then(Value::as_str).unwrap_or("");
+        out.push_str(&format!(
+            "  {name}: {} ({detail})\n",
+            if ok { "PASS" } else { "FAIL" }
+        ));
+    }
+    let split = r.get("split").cloned().unwrap_or(Value::Null);
+    out.push_str(&format!(
+        "split: {}% to vastai (source {}{})\n",
+        split.get("percent").and_then(Value::as_f64).unwrap_or(0.0),
+        split.get("source").and_then(Value::as_str).unwrap_or("?"),
+        if split.get("rolled_back").and_then(Value::as_bool) == Some(true) {
+            ", ROLLED BACK"
+        } else {
+            ""
+        }
+    ));
+    for b in ["legacy", "vastai"] {
+        let s = &r["backends"][b];
+        out.push_str(&format!(
+            "{b}: {} requests, error rate {:.2}%, p50 {:.1} ms, p99 {:.1} ms\n",
+            s["requests"].as_u64().unwrap_or(0),
+            s["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            s["p50_ms"].as_f64().unwrap_or(0.0),
+            s["p99_ms"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    let guard = &r["guard"];
+    out.push_str(&format!(
+        "guard: {} ({})\n",
+        guard["verdict"].as_str().unwrap_or("?"),
+        guard["reasons"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("; "))
+            .unwrap_or_default()
+    ));
+    out.push_str(&format!(
+        "ramp: {}\n",
+        r["ramp"]["state"].as_str().unwrap_or("idle")
+    ));
+    out
+}
+
+/// `vastshift set PERCENT [--route NAME] [--reason TEXT]`.
+pub async fn set(
+    client: &AdminClient,
+    percent: f64,
+    route: Option<String>,
+    reason: Option<String>,
+) -> i32 {
+    let body = json!({"percent": percent, "route": route, "reason": reason});
+    match client
+        .call(reqwest::Method::PUT, "/admin/split", Some(body))
+        .await
+    {
+        Ok(doc) => {
+            print_split(&doc);
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("vastshift set: {e}");
+            EXIT_ERROR
+        }
+    }
+}
+
+/// `vastshift rollback [--reason TEXT]`.
+pub async fn rollback(client: &AdminClient, reason: Option<String>) -> i32 {
+    match client
+        .call(
+            reqwest::Method::POST,
+            "/admin/rollback",
+            Some(json!({"reason": reason})),
+        )
+        .await
+    {
+        Ok(doc) => {
+            println!("rolled back: every percentage is 0 until the next `vastshift set` or DELETE /admin/split");
+            print_split(&doc);
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("vastshift rollback: {e}");
+            EXIT_ERROR
+        }
+    }
+}
+
+fn print_split(doc: &Value) {
+    println!(
+        "global split: {}% to vastai (source {}, file {}%){}",
+        doc["percent"].as_f64().unwrap_or(0.0),
+        doc["source"].as_str().unwrap_or("?"),
+        doc["file_percent"].as_f64().unwrap_or(0.0),
+        if doc["rolled_back"].as_bool() == Some(true) {
+            " ROLLED BACK"
+        } else {
+            ""
+        }
+    );
+    for r in doc["routes"].as_array().into_iter().flatten() {
+        println!(
+            "route {}: {}% (source {})",
+            r["name"].as_str().unwrap_or("?"),
+            r["percent"].as_f64().unwrap_or(0.0),
+            r["source"].as_str().unwrap_or("?")
+        );
+    }
+}
+
+/// `vastshift healthcheck`: exit 0 when `url` answers 200 within 3 s.
+pub async fn healthcheck(url: &str) -> i32 {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+    {
+        Ok(c) => c,
+        Err(_) => return EXIT_CHECK_FAILED,
+    };
+    match client.get(url).send().await {
+        Ok(r) if r.status().is_success() => EXIT_OK,
+        Ok(r) => {
+            eprintln!("unhealthy: {url} answered {}", r.status());
+            EXIT_CHECK_FAILED
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {url}: {}", short(&e));
+            EXIT_CHECK_FAILED
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_verdict_then_checks() {
+        let r = json!({
+            "passed": false,
+            "checks": [
+                {"name": "error rate", "passed": true, "detail": "0.2% <= 1%"},
+                {"name": "traffic shifted", "passed": false, "detail": "30% of traffic to vastai"}
+            ],
+            "split": {"percent": 30.0, "source": "admin", "rolled_back": false},
+        });
+        let text = render_status(&r);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "Migration FAILED");
+        assert_eq!(lines[1], "  error rate: PASS (0.2% <= 1%)");
+        assert_eq!(
+            lines[2],
+            "  traffic shifted: FAIL (30% of traffic to vastai)"
+        );
+    }
+}

@@ -1,0 +1,378 @@
+//! Comparing two answers to the same request, for the parallel run.
+//!
+//! Statuses must be equal; headers must be equal except hop-by-hop ones, framing ones and the
+//! operator's `ignore_headers`; bodies are compared semantically when both are JSON (object key
+//! order irrelevant, numbers by value) outside the ignored and learned-noise JSON pointers, and
+//! byte for byte otherwise. Pure functions: no I/O, no clocks.
+
+use http::header::{HeaderMap, HeaderName};
+use serde::Serialize;
+use serde_json::Value;
+
+/// One captured answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    /// The first bytes of the body, up to the capture bound.
+    pub body: bytes::Bytes,
+    /// The body's full length, which may exceed `body.len()`.
+    pub total_len: u64,
+}
+
+/// One difference, located by an RFC 6901 pointer (or `status`, `header:NAME`, `body`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Difference {
+    pub pointer: String,
+    pub primary: String,
+    pub shadow: String,
+}
+
+/// Ignored JSON locations: RFC 6901 pointers where a `*` segment matches any array index or
+/// key. A pattern also covers everything below it.
+#[derive(Debug, Clone, Default)]
+pub struct Ignore {
+    patterns: Vec<Vec<String>>,
+}
+
+impl Ignore {
+    pub fn new<'a>(pointers: impl IntoIterator<Item = &'a str>) -> Ignore {
+        Ignore {
+            patterns: pointers.into_iter().map(segments).collect(),
+        }
+    }
+
+    pub fn add(&mut self, pointer: &str) {
+        let s = segments(pointer);
+        if !self.patterns.contains(&s) {
+            self.patterns.push(s);
+        }
+    }
+
+    pub fn covers(&self, pointer_segments: &[String]) -> bool {
+        self.patterns.iter().any(|p| {
+            p.len() <= pointer_segments.len()
+                && p.iter()
+                    .zip(pointer_segments)
+                    .all(|(a, b)| a == "*" || a == b)
+        })
+    }
+}
+
+/// Splits an RFC 6901 pointer into unescaped segments.
+pub fn segments(pointer: &str) -> Vec<String> {
+    if pointer.is_empty() {
+        return Vec::new();
+    }
+    pointer
+        .trim_start_matches('/')
+        .split('/')
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
+fn to_pointer(segs: &[String]) -> String {
+    segs.iter()
+        .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
+        .collect()
+}
+
+const MAX_DIFFS: usize = 10;
+const MAX_VALUE: usize = 200;
+
+fn truncate(s: String) -> String {
+    if s.len() <= MAX_VALUE {
+        return s;
+    }
+    let mut end = MAX_VALUE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Headers never compared: per-hop, framing, and the proxy's own.
+const ALWAYS_IGNORED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "via",
+    "x-vastshift-backend",
+    "x-request-id",
+];
+
+/// Compares two answers; an empty result means they match.
+pub fn compare(
+    primary: &Answer,
+    shadow: &Answer,
+    ignore_headers: &[HeaderName],
+    ignore: &Ignore,
+) -> Vec<Difference> {
+    let mut diffs = Vec::new();
+    if primary.status != shadow.status {
+        diffs.push(Difference {
+            pointer: "status".into(),
+            primary: primary.status.to_string(),
+            shadow: shadow.status.to_string(),
+        });
+    }
+    compare_headers(primary, shadow, ignore_headers, &mut diffs);
+    match (json_of(primary), json_of(shadow)) {
+        (Some(a), Some(b)) => json_diff(&a, &b, &mut Vec::new(), ignore, &mut diffs),
+        _ => {
+            if primary.body != shadow.body || primary.total_len != shadow.total_len {
+                diffs.push(Difference {
+                    pointer: "body".into(),
+                    primary: truncate(format!("{} bytes", primary.total_len)),
+                    shadow: truncate(format!("{} bytes", shadow.total_len)),
+                });
+            }
+        }
+    }
+    diffs.truncate(MAX_DIFFS);
+    diffs
+}
+
+/// The JSON pointers at which two answers of the same backend differ: noise candidates.
+pub fn noisy_pointers(a: &Answer, b: &Answer) -> Vec<String> {
+    let (Some(x), Some(y)) = (json_of(a), json_of(b)) else {
+        return Vec::new();
+    };
+    let mut diffs = Vec::new();
+    json_diff(&x, &y, &mut Vec::new(), &Ignore::default(), &mut diffs);
+    diffs.into_iter().map(|d| d.pointer).collect()
+}
+
+fn compare_headers(
+    primary: &Answer,
+    shadow: &Answer,
+    ignored: &[HeaderName],
+    diffs: &mut Vec<Difference>,
+) {
+    let skip = |n: &HeaderName| ALWAYS_IGNORED.contains(&n.as_str()) || ignored.contains(n);
+    let mut names: Vec<&HeaderName> = primary
+        .headers
+        .keys()
+        .chain(shadow.headers.keys())
+        .filter(|n| !skip(n))
+        .collect();
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    for name in names {
+        let a: Vec<_> = primary.headers.get_all(name).iter().collect();
+        let b: Vec<_> = shadow.headers.get_all(name).iter().collect();
+        if a != b {
+            let show = |v: Vec<&http::HeaderValue>| {
+                truncate(
+                    v.iter()
+                        .map(|x| String::from_utf8_lossy(x.as_bytes()).into_owned())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                )
+            };
+            diffs.push(Difference {
+                pointer: format!("header:{name}"),
+                primary: show(a),
+                shadow: show(b),
+            });
+        }
+    }
+}
+
+fn json_of(a: &Answer) -> Option<Value> {
+    if a.total_len != a.body.len() as u64 || a.body.is_empty() {
+        return None;
+    }
+    let ct = a
+        .headers
+        .get(http::header::CONTENT_TYPE)?
+        .to_str()
+        .ok()?
+        .to_ascii_lowercase();
+    if !(ct.contains("json")) {
+        return None;
+    }
+    serde_json::from_slice(&a.body).ok()
+}
+
+fn numbers_equal(a: &serde_json::Number, b: &serde_json::Number) -> bool {
+    match (a.as_i64(), b.as_i64(), a.as_u64(), b.as_u64()) {
+        (Some(x), Some(y), _, _) => x == y,
+        (_, _, Some(x), Some(y)) => x == y,
+        _ => a.as_f64() == b.as_f64(),
+    }
+}
+
+fn json_diff(
+    a: &Value,
+    b: &Value,
+    path: &mut Vec<String>,
+    ignore: &Ignore,
+    out: &mut Vec<Difference>,
+) {
+    if out.len() >= MAX_DIFFS || ignore.covers(path) {
+        return;
+    }
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                path.push(k.clone());
+                match (x.get(k), y.get(k)) {
+                    (Some(v), Some(w)) => json_diff(v, w, path, ignore, out),
+                    (v, w) if !ignore.covers(path) => push(out, path, v, w),
+                    _ => {}
+                }
+                path.pop();
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            for i in 0..x.len().max(y.len()) {
+                path.push(i.to_string());
+                match (x.get(i), y.get(i)) {
+                    (Some(v), Some(w)) => json_diff(v, w, path, ignore, out),
+                    (v, w) if !ignore.covers(path) => push(out, path, v, w),
+                    _ => {}
+                }
+                path.pop();
+            }
+        }
+        (Value::Number(x), Value::Number(y)) if numbers_equal(x, y) => {}
+        (x, y) if x == y => {}
+        (x, y) => push(out, path, Some(x), Some(y)),
+    }
+}
+
+fn push(out: &mut Vec<Difference>, path: &[String], a: Option<&Value>, b: Option<&Value>) {
+    if out.len() >= MAX_DIFFS {
+        return;
+    }
+    let show = |v: Option<&Value>| truncate(v.map_or("(absent)".to_string(), Value::to_string));
+    out.push(Difference {
+        pointer: to_pointer(path),
+        primary: show(a),
+        shadow: show(b),
+    });
+}
+
+/// Generalises array indices in a pointer to `*`, so a noisy field learned at one index covers
+/// every item (`/items/3/ts` → `/items/*/ts`).
+pub fn generalise(pointer: &str, value_at: &Value) -> String {
+    let segs = segments(pointer);
+    let mut cur = Some(value_at);
+    let mut out = Vec::with_capacity(segs.len());
+    for s in segs {
+        let next = match cur {
+            Some(Value::Array(items)) => {
+                out.push("*".to_string());
+                s.parse::<usize>().ok().and_then(|i| items.get(i))
+            }
+            Some(Value::Object(map)) => {
+                let n = map.get(&s);
+                out.push(s);
+                n
+            }
+            _ => {
+                out.push(s);
+                None
+            }
+        };
+        cur = next;
+    }
+    to_pointer(&out)
+}
+
+/// Parses a captured answer's body as JSON, for `generalise`.
+pub fn body_json(a: &Answer) -> Option<Value> {
+    json_of(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(body: &str) -> Answer {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            "application/json".parse().expect("valid"),
+        );
+        Answer {
+            status: 200,
+            headers,
+            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+            total_len: body.len() as u64,
+        }
+    }
+
+    #[test]
+    fn key_order_and_number_forms_match() {
+        let a = answer(r#"{"a":1,"b":[1,2],"c":{"x":1.0}}"#);
+        let b = answer(r#"{"c":{"x":1},"b":[1,2],"a":1}"#);
+        assert!(compare(&a, &b, &[], &Ignore::default()).is_empty());
+    }
+
+    #[test]
+    fn differing_field_is_reported_by_pointer() {
+        let a = answer(r#"{"name":"ann","id":1}"#);
+        let b = answer(r#"{"name":"bob","id":1}"#);
+        let d = compare(&a, &b, &[], &Ignore::default());
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].pointer, "/name");
+        assert_eq!(
+            (d[0].primary.as_str(), d[0].shadow.as_str()),
+            ("\"ann\"", "\"bob\"")
+        );
+    }
+
+    #[test]
+    fn ignored_paths_with_wildcards() {
+        let a = answer(r#"{"meta":{"at":1},"items":[{"ts":1,"v":1},{"ts":2,"v":2}]}"#);
+        let b = answer(r#"{"meta":{"at":2},"items":[{"ts":9,"v":1},{"ts":8,"v":2}]}"#);
+        let ignore = Ignore::new(["/meta/at", "/items/*/ts"]);
+        assert!(compare(&a, &b, &[], &ignore).is_empty());
+        assert_eq!(compare(&a, &b, &[], &Ignore::default()).len(), 3);
+    }
+
+    #[test]
+    fn status_headers_and_bytes() {
+        let mut a = answer("x");
+        let mut b = answer("x");
+        a.headers.insert(
+            http::header::CONTENT_TYPE,
+            "text/plain".parse().expect("valid"),
+        );
+        b.headers.insert(
+            http::header::CONTENT_TYPE,
+            "text/plain".parse().expect("valid"),
+        );
+        assert!(compare(&a, &b, &[], &Ignore::default()).is_empty());
+        b.status = 500;
+        b.body = bytes::Bytes::from_static(b"y");
+        b.headers.insert("x-extra", "1".parse().expect("valid"));
+        let d = compare(&a, &b, &[], &Ignore::default());
+        let ptrs: Vec<_> = d.iter().map(|d| d.pointer.as_str()).collect();
+        assert_eq!(ptrs, ["status", "header:x-extra", "body"]);
+        let ignored = [HeaderName::from_static("x-extra")];
+        assert_eq!(compare(&a, &b, &ignored, &Ignore::default()).len(), 2);
+    }
+
+    #[test]
+    fn noise_generalises_array_indices() {
+        let a = answer(r#"{"items":[{"ts":1}],"at":"t1"}"#);
+        let b = answer(r#"{"items":[{"ts":2}],"at":"t2"}"#);
+        let mut noisy = noisy_pointers(&a, &b);
+        noisy.sort();
+        assert_eq!(noisy, ["/at", "/items/0/ts"]);
+        let v = body_json(&a).expect("json");
+        assert_eq!(generalise("/items/0/ts", &v), "/items/*/ts");
+        assert_eq!(generalise("/a~1b", &serde_json::json!({"a/b": 1})), "/a~1b");
+    }
+}

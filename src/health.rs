@@ -1,0 +1,222 @@
+//! Upstream health: active probes, passive detection and the vastai circuit breaker.
+//!
+//! Each backend is healthy or not. Active probes (`health_path` every `health_interval_ms`; any
+//! answer below 500 is healthy) and passive signals (consecutive connect failures of real
+//! traffic) both move it. While vastai is unhealthy and fallback is on, the proxy sends its share
+//! to legacy without trying it, except for one half-open trial request per second, so recovery
+//! is noticed from traffic as well as from probes. Publishes `vastshift_upstream_healthy`.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::routing::Backend;
+use crate::upstream::{empty, HttpUpstream, VastaiUpstream};
+
+/// Consecutive connect failures of real traffic that mark a backend unhealthy.
+pub const PASSIVE_FAILURES: u32 = 3;
+/// Consecutive failed probes that mark a backend unhealthy.
+pub const PROBE_FAILURES: u32 = 2;
+/// How often an unhealthy backend gets one real request as a trial.
+pub const HALF_OPEN_EVERY: Duration = Duration::from_secs(1);
+
+struct State {
+    healthy: AtomicBool,
+    failures: AtomicU32,
+    probe_failures: AtomicU32,
+    /// Milliseconds since `Health::epoch` of the last half-open trial.
+    last_trial_ms: AtomicU64,
+}
+
+impl State {
+    fn new() -> State {
+        State {
+            healthy: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+            probe_failures: AtomicU32::new(0),
+            last_trial_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Health of both backends.
+pub struct Health {
+    epoch: Instant,
+    states: [State; 2],
+    metrics: Arc<Metrics>,
+}
+
+fn idx(b: Backend) -> usize {
+    match b {
+        Backend::Legacy => 0,
+        Backend::Vastai => 1,
+    }
+}
+
+impl Health {
+    pub fn new(metrics: Arc<Metrics>) -> Health {
+        Health {
+            epoch: Instant::now(),
+            states: [State::new(), State::new()],
+            metrics,
+        }
+    }
+
+    pub fn is_healthy(&self, b: Backend) -> bool {
+        self.states[idx(b)].healthy.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request may be sent to `b` now: always while healthy; otherwise one trial per
+    /// [`HALF_OPEN_EVERY`].
+    pub fn allow(&self, b: Backend, now: Instant) -> bool {
+        let s = &self.states[idx(b)];
+        if s.healthy.load(Ordering::Relaxed) {
+            return true;
+        }
+        // Offset by one period so the first trial after `epoch` is allowed.
+        let every = HALF_OPEN_EVERY.as_millis() as u64;
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64 + every;
+        let last = s.last_trial_ms.load(Ordering::Relaxed);
+        now_ms.saturating_sub(last) >= every
+            && s.last_trial_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// A real request got a response (of any status) from `b`.
+    pub fn success(&self, b: Backend) {
+        let s = &self.states[idx(b)];
+        s.failures.store(0, Ordering::Relaxed);
+        if !s.healthy.load(Ordering::Relaxed) {
+            self.set(b, true, "a request succeeded");
+        }
+    }
+
+    /// A real request could not connect to `b`.
+    pub fn connect_failure(&self, b: Backend) {
+        let s = &self.states[idx(b)];
+        let n = s.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= PASSIVE_FAILURES && s.healthy.load(Ordering::Relaxed) {
+            self.set(b, false, "consecutive connect failures");
+        }
+    }
+
+    /// The result of an active probe.
+    pub fn probe_result(&self, b: Backend, ok: bool) {
+        let s = &self.states[idx(b)];
+        if ok {
+            s.probe_failures.store(0, Ordering::Relaxed);
+            if !s.healthy.load(Ordering::Relaxed) {
+                self.set(b, true, "health probe passed");
+            }
+        } else {
+            let n = s.probe_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if n >= PROBE_FAILURES && s.healthy.load(Ordering::Relaxed) {
+                self.set(b, false, "health probes failed");
+            }
+        }
+    }
+
+    /// Forces a state, e.g. a Vast.ai instance that is not running.
+    pub fn set(&self, b: Backend, healthy: bool, why: &str) {
+        let s = &self.states[idx(b)];
+        let was = s.healthy.swap(healthy, Ordering::Relaxed);
+        if healthy {
+            s.failures.store(0, Ordering::Relaxed);
+        }
+        if was != healthy {
+            if healthy {
+                tracing::info!(backend = b.as_str(), why, "upstream healthy again");
+            } else {
+                tracing::warn!(backend = b.as_str(), why, "upstream unhealthy");
+            }
+        }
+        self.metrics.set_healthy(b, healthy);
+    }
+}
+
+/// Probes one backend until `stop` changes. The upstream is looked up on every round, so a
+/// reload's new address is probed. A probe times out after the smaller of the interval and 2 s.
+/// Serverless vastai is not probed (its router decides); passive detection covers it.
+pub async fn probe_loop(
+    health: Arc<Health>,
+    proxy: Arc<Proxy>,
+    backend: Backend,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let rt = proxy.runtime.load_full();
+        let upstream = match (backend, &rt.upstreams.vastai) {
+            (Backend::Legacy, _) => Some(Arc::clone(&rt.upstreams.legacy)),
+            (Backend::Vastai, VastaiUpstream::Http(up)) => Some(Arc::clone(up)),
+            (Backend::Vastai, VastaiUpstream::Serverless(_)) => None,
+        };
+        drop(rt);
+        let interval = match upstream {
+            Some(up) => {
+                let interval = up.settings.health_interval;
+                if up.base().is_some() {
+                    let ok = probe_once(&up, interval.min(Duration::from_secs(2))).await;
+                    health.probe_result(backend, ok);
+                }
+                interval
+            }
+            None => Duration::from_secs(2),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn probe_once(upstream: &HttpUpstream, timeout: Duration) -> bool {
+    let Ok(req) = Request::get(upstream.settings.health_path.as_str())
+        .header("user-agent", "vastshift-health")
+        .body(empty())
+    else {
+        return false;
+    };
+    match tokio::time::timeout(timeout, upstream.send(req)).await {
+        Ok(Ok(resp)) => resp.status() < StatusCode::INTERNAL_SERVER_ERROR,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn passive_failures_open_and_half_open_trials() {
+        let h = Health::new(Arc::new(Metrics::new().expect("metrics")));
+        for _ in 0..PASSIVE_FAILURES {
+            assert!(h.allow(Backend::Vastai, Instant::now()));
+            h.connect_failure(Backend::Vastai);
+        }
+        assert!(!h.is_healthy(Backend::Vastai));
+        // One trial, then none until a second has passed.
+        assert!(h.allow(Backend::Vastai, Instant::now()));
+        assert!(!h.allow(Backend::Vastai, Instant::now()));
+        tokio::time::advance(HALF_OPEN_EVERY).await;
+        assert!(h.allow(Backend::Vastai, Instant::now()));
+        h.success(Backend::Vastai);
+        assert!(h.is_healthy(Backend::Vastai));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_need_two_failures() {
+        let h = Health::new(Arc::new(Metrics::new().expect("metrics")));
+        h.probe_result(Backend::Legacy, false);
+        assert!(h.is_healthy(Backend::Legacy));
+        h.probe_result(Backend::Legacy, false);
+        assert!(!h.is_healthy(Backend::Legacy));
+        h.probe_result(Backend::Legacy, true);
+        assert!(h.is_healthy(Backend::Legacy));
+    }
+}

@@ -1,0 +1,351 @@
+//! Prometheus metrics (SPEC §8): one struct owning its registry, label values from closed sets.
+//!
+//! Route labels are configured route names or `default`, never raw paths. The hot path records
+//! through [`Metrics::record_request`]; everything else is rare. Never mutates routing state.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::routing::Backend;
+
+/// Why an upstream call failed, as the `kind` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Connect,
+    Timeout,
+    Reset,
+    Other,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Reset => "reset",
+            ErrorKind::Other => "other",
+        }
+    }
+}
+
+/// What came of one mirrored request, as the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowResult {
+    Match,
+    Mismatch,
+    Error,
+    Skipped,
+    Dropped,
+}
+
+impl ShadowResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShadowResult::Match => "match",
+            ShadowResult::Mismatch => "mismatch",
+            ShadowResult::Error => "error",
+            ShadowResult::Skipped => "skipped",
+            ShadowResult::Dropped => "dropped",
+        }
+    }
+    const ALL: [ShadowResult; 5] = [
+        ShadowResult::Match,
+        ShadowResult::Mismatch,
+        ShadowResult::Error,
+        ShadowResult::Skipped,
+        ShadowResult::Dropped,
+    ];
+}
+
+/// Who triggered a rollback, as the `trigger` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollbackTrigger {
+    Admin,
+    Guard,
+    Startup,
+}
+
+impl RollbackTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RollbackTrigger::Admin => "admin",
+            RollbackTrigger::Guard => "guard",
+            RollbackTrigger::Startup => "startup",
+        }
+    }
+}
+
+/// The status class of a response (`1xx`..`5xx`), or `error` when there was none.
+pub fn code_class(status: Option<u16>) -> &'static str {
+    match status {
+        Some(100..=199) => "1xx",
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        _ => "error",
+    }
+}
+
+/// Every vastshift metric, registered in its own registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream_errors: IntCounterVec,
+    fallbacks: IntCounterVec,
+    split_percent: prometheus::GaugeVec,
+    rollbacks: IntCounterVec,
+    reloads: IntCounterVec,
+    shadow: IntCounterVec,
+    healthy: IntGaugeVec,
+    in_flight: [IntGauge; 2],
+}
+
+fn idx(b: Backend) -> usize {
+    match b {
+        Backend::Legacy => 0,
+        Backend::Vastai => 1,
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "vastshift_requests_total",
+                "Requests answered, by the backend that served them.",
+            ),
+            &["backend", "route", "code"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "vastshift_request_duration_seconds",
+                "Time from receiving a request to the upstream's response headers.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ]),
+            &["backend", "route"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "vastshift_upstream_errors_total",
+                "Upstream calls that failed without a response.",
+            ),
+            &["backend", "kind"],
+        )?;
+        let fallbacks = IntCounterVec::new(
+            Opts::new(
+                "vastshift_fallbacks_total",
+                "Requests replayed on legacy after vastai failed.",
+            ),
+            &["route"],
+        )?;
+        let split_percent = prometheus::GaugeVec::new(
+            Opts::new(
+                "vastshift_split_percent",
+                "Effective share of traffic sent to vastai, in percent.",
+            ),
+            &["route"],
+        )?;
+        let rollbacks = IntCounterVec::new(
+            Opts::new(
+                "vastshift_rollbacks_total",
+                "Rollbacks to legacy, by trigger.",
+            ),
+            &["trigger"],
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "vastshift_config_reloads_total",
+                "Configuration reloads, by result.",
+            ),
+            &["result"],
+        )?;
+        let shadow = IntCounterVec::new(
+            Opts::new(
+                "vastshift_shadow_requests_total",
+                "Mirrored requests, by result.",
+            ),
+            &["result"],
+        )?;
+        let healthy = IntGaugeVec::new(
+            Opts::new(
+                "vastshift_upstream_healthy",
+                "1 while the upstream is considered healthy.",
+            ),
+            &["backend"],
+        )?;
+        let in_flight_vec = IntGaugeVec::new(
+            Opts::new(
+                "vastshift_in_flight_requests",
+                "Requests being proxied right now.",
+            ),
+            &["backend"],
+        )?;
+        for c in [
+            &requests,
+            &upstream_errors,
+            &fallbacks,
+            &rollbacks,
+            &reloads,
+            &shadow,
+        ] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(split_percent.clone()))?;
+        registry.register(Box::new(healthy.clone()))?;
+        registry.register(Box::new(in_flight_vec.clone()))?;
+        for t in [
+            RollbackTrigger::Admin,
+            RollbackTrigger::Guard,
+            RollbackTrigger::Startup,
+        ] {
+            rollbacks.with_label_values(&[t.as_str()]);
+        }
+        for r in ["ok", "error"] {
+            reloads.with_label_values(&[r]);
+        }
+        for r in ShadowResult::ALL {
+            shadow.with_label_values(&[r.as_str()]);
+        }
+        for b in Backend::ALL {
+            healthy.with_label_values(&[b.as_str()]).set(1);
+        }
+        fallbacks.with_label_values(&["default"]);
+        let in_flight = [
+            in_flight_vec.with_label_values(&["legacy"]),
+            in_flight_vec.with_label_values(&["vastai"]),
+        ];
+        Ok(Metrics {
+            registry,
+            requests,
+            duration,
+            upstream_errors,
+            fallbacks,
+            split_percent,
+            rollbacks,
+            reloads,
+            shadow,
+            healthy,
+            in_flight,
+        })
+    }
+
+    /// One answered (or failed) request.
+    pub fn record_request(&self, backend: Backend, route: &str, status: Option<u16>, seconds: f64) {
+        self.requests
+            .with_label_values(&[backend.as_str(), route, code_class(status)])
+            .inc();
+        self.duration_handle(backend, route).observe(seconds);
+    }
+
+    fn duration_handle(&self, backend: Backend, route: &str) -> Histogram {
+        self.duration.with_label_values(&[backend.as_str(), route])
+    }
+
+    pub fn upstream_error(&self, backend: Backend, kind: ErrorKind) {
+        self.upstream_errors
+            .with_label_values(&[backend.as_str(), kind.as_str()])
+            .inc();
+    }
+
+    pub fn fallback(&self, route: &str) {
+        self.fallbacks.with_label_values(&[route]).inc();
+    }
+
+    pub fn in_flight(&self, backend: Backend) -> &IntGauge {
+        &self.in_flight[idx(backend)]
+    }
+
+    /// Replaces the split gauges with the given (route, percent) pairs; removed routes vanish.
+    pub fn set_split(&self, values: &[(String, f64)]) {
+        self.split_percent.reset();
+        for (route, percent) in values {
+            self.split_percent.with_label_values(&[route]).set(*percent);
+        }
+    }
+
+    pub fn rollback(&self, trigger: RollbackTrigger) {
+        self.rollbacks.with_label_values(&[trigger.as_str()]).inc();
+    }
+
+    pub fn rollbacks(&self, trigger: RollbackTrigger) -> u64 {
+        self.rollbacks.with_label_values(&[trigger.as_str()]).get()
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    pub fn shadow(&self, result: ShadowResult) {
+        self.shadow.with_label_values(&[result.as_str()]).inc();
+    }
+
+    pub fn shadow_count(&self, result: ShadowResult) -> u64 {
+        self.shadow.with_label_values(&[result.as_str()]).get()
+    }
+
+    pub fn set_healthy(&self, backend: Backend, healthy: bool) {
+        self.healthy
+            .with_label_values(&[backend.as_str()])
+            .set(i64::from(healthy));
+    }
+
+    pub fn fallback_counter(&self, route: &str) -> IntCounter {
+        self.fallbacks.with_label_values(&[route])
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        assert_eq!(code_class(Some(204)), "2xx");
+        assert_eq!(code_class(Some(503)), "5xx");
+        assert_eq!(code_class(None), "error");
+    }
+
+    #[test]
+    fn every_family_is_exported_before_traffic() {
+        let m = Metrics::new().expect("registry");
+        m.set_split(&[("default".into(), 25.0)]);
+        m.record_request(Backend::Legacy, "default", Some(200), 0.01);
+        m.upstream_error(Backend::Vastai, ErrorKind::Connect);
+        let text = m.encode();
+        for name in [
+            "vastshift_requests_total",
+            "vastshift_request_duration_seconds_bucket",
+            "vastshift_upstream_errors_total",
+            "vastshift_fallbacks_total",
+            "vastshift_split_percent{route=\"default\"} 25",
+            "vastshift_rollbacks_total",
+            "vastshift_config_reloads_total",
+            "vastshift_shadow_requests_total",
+            "vastshift_upstream_healthy",
+            "vastshift_in_flight_requests",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+}

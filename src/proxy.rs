@@ -1,0 +1,562 @@
+//! The request path: load one routing snapshot, choose a backend, forward, record.
+//!
+//! Bodies stream both ways. The only copies kept are the bounded replay copy a small request
+//! gets when it goes to vastai with fallback on, and the bounded shadow tee. Upstream failures
+//! become 502/504 with a JSON body naming the backend; nothing on this path panics or waits
+//! without a deadline. No config parsing, no writes to routing state.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use prometheus::IntGauge;
+use tokio::time::Instant;
+
+use crate::health::Health;
+use crate::metrics::{ErrorKind, Metrics};
+use crate::routing::{random_bucket, Backend, RoutingTable};
+use crate::shadow::{Shadow, ShadowTask};
+use crate::upstream::headers::{
+    add_forwarding, request_id, strip_hop_by_hop, upgrade_protocol, X_REQUEST_ID,
+    X_VASTSHIFT_BACKEND,
+};
+use crate::upstream::{
+    full, Body, BoxError, HttpUpstream, UpstreamError, Upstreams, VastaiUpstream,
+};
+use crate::window::Windows;
+
+/// What the request path needs from the config; swapped whole on reload.
+pub struct Runtime {
+    pub upstreams: Upstreams,
+    pub expose_backend_header: bool,
+    /// Bound of the fallback replay copy and of serverless payloads.
+    pub replay_limit: usize,
+}
+
+/// Shared state of the request path.
+pub struct Proxy {
+    pub table: Arc<ArcSwap<RoutingTable>>,
+    pub runtime: ArcSwap<Runtime>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub windows: Arc<ArcSwap<Windows>>,
+    pub shadow: Arc<Shadow>,
+}
+
+/// A request ready to be sent upstream, kept apart so it can be rebuilt for a replay.
+struct Outgoing {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Outgoing {
+    fn request(&self, body: Body) -> Request<Body> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// A JSON error answer naming the backend.
+fn error_response(
+    status: StatusCode,
+    message: &str,
+    backend: Option<Backend>,
+    request_id: &HeaderValue,
+) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": message,
+        "backend": backend.map(Backend::as_str),
+    });
+    let mut resp = Response::new(full(body.to_string()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    if let Some(b) = backend {
+        h.insert(
+            X_VASTSHIFT_BACKEND.clone(),
+            HeaderValue::from_static(b.as_str()),
+        );
+    }
+    resp
+}
+
+/// Requests whose framing is ambiguous are refused before anything is forwarded, and the
+/// connection is closed: Content-Length with Transfer-Encoding, or several Content-Lengths.
+fn reject_smuggling(headers: &HeaderMap) -> Option<Response<Body>> {
+    let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    if lengths > 1 || (lengths == 1 && headers.contains_key(header::TRANSFER_ENCODING)) {
+        let id = request_id(headers);
+        let mut resp = error_response(
+            StatusCode::BAD_REQUEST,
+            "ambiguous request framing",
+            None,
+            &id,
+        );
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Some(resp);
+    }
+    None
+}
+
+/// A status from vastai that makes an idempotent request worth replaying on legacy.
+fn replayable_status(method: &Method, status: StatusCode) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+        && matches!(status.as_u16(), 502..=504)
+}
+
+fn is_json_post(method: &Method, headers: &HeaderMap) -> bool {
+    *method == Method::POST
+        && headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| {
+                let mime = ct.split(';').next().unwrap_or("").trim();
+                mime.eq_ignore_ascii_case("application/json")
+                    || mime.to_ascii_lowercase().ends_with("+json")
+            })
+}
+
+impl Proxy {
+    /// Handles one client request. Never fails: errors become responses.
+    pub async fn handle(
+        self: Arc<Self>,
+        client: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        if let Some(resp) = reject_smuggling(req.headers()) {
+            return resp;
+        }
+        let start = Instant::now();
+        let table = self.table.load_full();
+        let rt = self.runtime.load_full();
+        let (mut parts, body) = req.into_parts();
+
+        let route = table.match_route(&parts.method, parts.uri.path());
+        let override_value = table
+            .override_header
+            .as_ref()
+            .and_then(|h| parts.headers.get(h))
+            .map(HeaderValue::as_bytes);
+        let bucket = table
+            .sticky_key(&parts.headers, client.ip())
+            .map_or_else(random_bucket, |k| k.bucket(&table.salt));
+        let decision = table.decide(route, override_value, bucket);
+        let route_name = table.route_name(route);
+        let id = request_id(&parts.headers);
+
+        let host = parts.headers.get(header::HOST).cloned();
+        let upgrade = upgrade_protocol(&parts.headers);
+        strip_hop_by_hop(&mut parts.headers);
+        add_forwarding(&mut parts.headers, client.ip(), host);
+        parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+        let on_upgrade = match &upgrade {
+            Some(proto) => {
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, proto.clone());
+                parts.extensions.remove::<OnUpgrade>()
+            }
+            None => None,
+        };
+
+        let mut backend = decision.backend;
+        let mut diverted = false;
+        if backend == Backend::Vastai {
+            let serverless = matches!(rt.upstreams.vastai, VastaiUpstream::Serverless(_));
+            if serverless && (!is_json_post(&parts.method, &parts.headers) || upgrade.is_some()) {
+                // Serverless workers only take JSON POSTs; everything else stays on legacy.
+                backend = Backend::Legacy;
+            } else if table.fallback && !self.health.allow(Backend::Vastai, start) {
+                backend = Backend::Legacy;
+                diverted = true;
+            }
+        }
+        if diverted {
+            self.metrics.fallback(route_name);
+        }
+
+        let out = Outgoing {
+            method: parts.method,
+            uri: parts.uri,
+            headers: parts.headers,
+        };
+
+        // The replay copy: only for small bodies going to vastai with fallback on, and always
+        // for serverless (the payload is wrapped, so it must be whole).
+        let needs_copy = backend == Backend::Vastai
+            && upgrade.is_none()
+            && (table.fallback || matches!(rt.upstreams.vastai, VastaiUpstream::Serverless(_)));
+        let shadow_plan = self.shadow.plan(
+            &table,
+            route,
+            backend,
+            &out.method,
+            &out.headers,
+            body.size_hint().exact(),
+        );
+        let (body, replay) = if needs_copy {
+            match body.size_hint().exact() {
+                Some(n) if n as usize <= rt.replay_limit => {
+                    match Limited::new(body, rt.replay_limit).collect().await {
+                        Ok(c) => {
+                            let bytes = c.to_bytes();
+                            (full(bytes.clone()), Some(bytes))
+                        }
+                        Err(_) => {
+                            return error_response(
+                                StatusCode::BAD_REQUEST,
+                                "request body could not be read",
+                                None,
+                                &id,
+                            );
+                        }
+                    }
+                }
+                _ if matches!(rt.upstreams.vastai, VastaiUpstream::Serverless(_)) => {
+                    // Too large (or unknown length) to wrap: legacy serves it.
+                    backend = Backend::Legacy;
+                    (body.map_err(BoxError::from).boxed_unsync(), None)
+                }
+                _ => (body.map_err(BoxError::from).boxed_unsync(), None),
+            }
+        } else {
+            (body.map_err(BoxError::from).boxed_unsync(), None)
+        };
+        let (body, shadow_tee) = self.shadow.tee(shadow_plan, body, replay.as_ref());
+
+        let guard = InFlight::new(self.metrics.in_flight(backend));
+        let result = self.send(&rt, backend, &out, body, replay.as_ref()).await;
+        let (served_by, result) = match result {
+            Ok(resp)
+                if backend == Backend::Vastai
+                    && replay.is_some()
+                    && table.fallback
+                    && replayable_status(&out.method, resp.status()) =>
+            {
+                self.record(
+                    Backend::Vastai,
+                    route_name,
+                    Some(resp.status().as_u16()),
+                    start,
+                    true,
+                );
+                drop(resp);
+                self.fallback_to_legacy(&rt, &out, replay, route_name).await
+            }
+            Err(e)
+                if backend == Backend::Vastai
+                    && replay.is_some()
+                    && table.fallback
+                    && (e.kind == ErrorKind::Connect || e.unavailable) =>
+            {
+                self.record_error(Backend::Vastai, route_name, &e, start);
+                self.fallback_to_legacy(&rt, &out, replay, route_name).await
+            }
+            other => (backend, other),
+        };
+        drop(guard);
+
+        match result {
+            Ok(resp) => {
+                let mirror = shadow_tee.map(|task| (task, &out, Arc::clone(&rt)));
+                self.finish(
+                    resp,
+                    served_by,
+                    route_name,
+                    &id,
+                    start,
+                    rt.expose_backend_header,
+                    on_upgrade,
+                    mirror,
+                )
+            }
+            Err(e) => {
+                self.record_error(served_by, route_name, &e, start);
+                let status = match e.kind {
+                    _ if e.unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                tracing::debug!(backend = served_by.as_str(), kind = e.kind.as_str(), error = %e, "upstream request failed");
+                error_response(status, &e.message, Some(served_by), &id)
+            }
+        }
+    }
+
+    async fn fallback_to_legacy(
+        &self,
+        rt: &Runtime,
+        out: &Outgoing,
+        replay: Option<Bytes>,
+        route_name: &str,
+    ) -> (Backend, Result<Response<Incoming>, UpstreamError>) {
+        self.metrics.fallback(route_name);
+        let body = full(replay.unwrap_or_default());
+        let _guard = InFlight::new(self.metrics.in_flight(Backend::Legacy));
+        let res = self
+            .send_http(&rt.upstreams.legacy, out.request(body))
+            .await;
+        (Backend::Legacy, res)
+    }
+
+    async fn send(
+        &self,
+        rt: &Runtime,
+        backend: Backend,
+        out: &Outgoing,
+        body: Body,
+        replay: Option<&Bytes>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match (backend, &rt.upstreams.vastai) {
+            (Backend::Legacy, _) => {
+                self.send_http(&rt.upstreams.legacy, out.request(body))
+                    .await
+            }
+            (Backend::Vastai, VastaiUpstream::Http(up)) => {
+                self.send_http(up, out.request(body)).await
+            }
+            (Backend::Vastai, VastaiUpstream::Serverless(s)) => {
+                let payload = replay.cloned().unwrap_or_default();
+                let res = s.call(&out.uri, &out.headers, payload).await;
+                match &res {
+                    Ok(_) => self.health.success(Backend::Vastai),
+                    Err(e) if e.kind == ErrorKind::Connect => {
+                        self.health.connect_failure(Backend::Vastai)
+                    }
+                    Err(_) => {}
+                }
+                res
+            }
+        }
+    }
+
+    async fn send_http(
+        &self,
+        up: &HttpUpstream,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let res = up.send(req).await;
+        match &res {
+            Ok(_) => self.health.success(up.backend),
+            Err(e) if e.kind == ErrorKind::Connect => self.health.connect_failure(up.backend),
+            Err(_) => {}
+        }
+        res
+    }
+
+    fn record(
+        &self,
+        backend: Backend,
+        route: &str,
+        status: Option<u16>,
+        start: Instant,
+        error: bool,
+    ) {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(start);
+        self.metrics
+            .record_request(backend, route, status, elapsed.as_secs_f64());
+        self.windows.load().record(backend, now, elapsed, error);
+    }
+
+    fn record_error(&self, backend: Backend, route: &str, e: &UpstreamError, start: Instant) {
+        self.metrics.upstream_error(backend, e.kind);
+        self.record(backend, route, None, start, true);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        resp: Response<Incoming>,
+        backend: Backend,
+        route_name: &str,
+        id: &HeaderValue,
+        start: Instant,
+        expose: bool,
+        on_upgrade: Option<OnUpgrade>,
+        mirror: Option<(ShadowTask, &Outgoing, Arc<Runtime>)>,
+    ) -> Response<Body> {
+        let status = resp.status();
+        self.record(
+            backend,
+            route_name,
+            Some(status.as_u16()),
+            start,
+            status.is_server_error(),
+        );
+        let (mut parts, body) = resp.into_parts();
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            if let (Some(client_side), Some(upstream_side)) =
+                (on_upgrade, parts.extensions.remove::<OnUpgrade>())
+            {
+                tokio::spawn(tunnel(client_side, upstream_side, backend));
+            }
+        } else {
+            strip_hop_by_hop(&mut parts.headers);
+        }
+        if expose {
+            parts.headers.insert(
+                X_VASTSHIFT_BACKEND.clone(),
+                HeaderValue::from_static(backend.as_str()),
+            );
+        }
+        parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+        let guard = InFlight::new(self.metrics.in_flight(backend));
+        let body = match mirror {
+            None => Tracked {
+                inner: body,
+                _guard: guard,
+            }
+            .boxed_unsync(),
+            Some((task, out, rt)) => {
+                let inner = Tracked {
+                    inner: body,
+                    _guard: guard,
+                }
+                .boxed_unsync();
+                let status = parts.status.as_u16();
+                let route = route_name;
+                self.shadow.start(
+                    task,
+                    &out.method,
+                    &out.uri,
+                    &out.headers,
+                    route,
+                    backend,
+                    status,
+                    &parts.headers,
+                    inner,
+                    rt,
+                )
+            }
+        };
+        Response::from_parts(parts, body)
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upstream.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, backend: Backend) {
+    let (c, u) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(backend = backend.as_str(), error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut c = TokioIo::new(c);
+    let mut u = TokioIo::new(u);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+        tracing::debug!(backend = backend.as_str(), error = %e, "tunnel closed with an error");
+    }
+}
+
+/// Counts a request in `vastshift_in_flight_requests` for as long as it lives.
+struct InFlight(IntGauge);
+
+impl InFlight {
+    fn new(g: &IntGauge) -> InFlight {
+        g.inc();
+        InFlight(g.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A response body that keeps its request counted in flight until it is finished or dropped.
+struct Tracked<B> {
+    inner: B,
+    _guard: InFlight,
+}
+
+impl<B> http_body::Body for Tracked<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert!(reject_smuggling(&h).is_none());
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        assert!(reject_smuggling(&h).is_some());
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert!(reject_smuggling(&h).is_some());
+    }
+
+    #[test]
+    fn replay_only_idempotent_gateway_errors() {
+        assert!(replayable_status(&Method::GET, StatusCode::BAD_GATEWAY));
+        assert!(!replayable_status(&Method::POST, StatusCode::BAD_GATEWAY));
+        assert!(!replayable_status(
+            &Method::GET,
+            StatusCode::INTERNAL_SERVER_ERROR
+        ));
+    }
+
+    #[test]
+    fn json_post_detection() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert!(is_json_post(&Method::POST, &h));
+        assert!(!is_json_post(&Method::GET, &h));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(!is_json_post(&Method::POST, &h));
+    }
+}

@@ -1,0 +1,161 @@
+//! The progressive ramp's timing: when a running ramp may take its next step.
+//!
+//! A step is held for `hold_secs` of continuously passing guard verdicts; an inconclusive or
+//! failing verdict restarts the hold. The step itself is taken through `control`, which refuses
+//! it when the ramp moved meanwhile (paused, aborted, rolled back). Hold time is not persisted:
+//! after a restart the current step is held again in full, which errs on the side of caution.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::guard::Verdict;
+use crate::state::{RampProgress, RampStatus};
+
+/// Tracks how long the current step has been passing.
+#[derive(Debug, Default)]
+pub struct RampDriver {
+    /// The step being held and since when it has passed without interruption.
+    passing: Option<(usize, Instant)>,
+}
+
+impl RampDriver {
+    /// Returns the step to advance from, when it is time.
+    pub fn tick(
+        &mut self,
+        ramp: Option<&RampProgress>,
+        verdict: Verdict,
+        now: Instant,
+        hold: Duration,
+        steps: usize,
+    ) -> Option<usize> {
+        let Some(r) = ramp.filter(|r| r.status == RampStatus::Running) else {
+            self.passing = None;
+            return None;
+        };
+        if r.step + 1 >= steps {
+            return None;
+        }
+        if verdict != Verdict::Pass {
+            self.passing = None;
+            return None;
+        }
+        match self.passing {
+            Some((step, since)) if step == r.step => {
+                if now.saturating_duration_since(since) >= hold {
+                    self.passing = None;
+                    return Some(r.step);
+                }
+            }
+            _ => self.passing = Some((r.step, now)),
+        }
+        None
+    }
+}
+
+/// `ramp` in the status report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RampDocument {
+    pub state: String,
+    pub step: Option<usize>,
+    pub steps: Vec<f64>,
+    pub percent: Option<f64>,
+    pub next_percent: Option<f64>,
+    pub since: Option<String>,
+    pub hold_secs: u64,
+}
+
+impl RampDocument {
+    pub fn new(
+        progress: Option<&RampProgress>,
+        steps: &[crate::config::Percent],
+        hold_secs: u64,
+    ) -> RampDocument {
+        let state = progress.map_or("idle".to_string(), |p| {
+            format!("{:?}", p.status).to_lowercase()
+        });
+        RampDocument {
+            state,
+            step: progress.map(|p| p.step + 1),
+            steps: steps.iter().map(|p| p.as_f64()).collect(),
+            percent: progress.and_then(|p| steps.get(p.step)).map(|p| p.as_f64()),
+            next_percent: progress
+                .and_then(|p| steps.get(p.step + 1))
+                .map(|p| p.as_f64()),
+            since: progress.map(|p| p.at.clone()),
+            hold_secs,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(step: usize) -> RampProgress {
+        RampProgress {
+            status: RampStatus::Running,
+            step,
+            at: String::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn holds_then_advances_and_inconclusive_waits() {
+        let mut d = RampDriver::default();
+        let hold = Duration::from_secs(5);
+        let t0 = Instant::now();
+        assert_eq!(d.tick(Some(&running(0)), Verdict::Pass, t0, hold, 3), None);
+        assert_eq!(
+            d.tick(
+                Some(&running(0)),
+                Verdict::Pass,
+                t0 + Duration::from_secs(4),
+                hold,
+                3
+            ),
+            None
+        );
+        assert_eq!(
+            d.tick(
+                Some(&running(0)),
+                Verdict::Inconclusive,
+                t0 + Duration::from_secs(5),
+                hold,
+                3
+            ),
+            None
+        );
+        assert_eq!(
+            d.tick(
+                Some(&running(0)),
+                Verdict::Pass,
+                t0 + Duration::from_secs(6),
+                hold,
+                3
+            ),
+            None
+        );
+        assert_eq!(
+            d.tick(
+                Some(&running(0)),
+                Verdict::Pass,
+                t0 + Duration::from_secs(11),
+                hold,
+                3
+            ),
+            Some(0)
+        );
+        // The last step never advances.
+        assert_eq!(
+            d.tick(
+                Some(&running(2)),
+                Verdict::Pass,
+                t0 + Duration::from_secs(30),
+                hold,
+                3
+            ),
+            None
+        );
+    }
+}

@@ -1,0 +1,339 @@
+//! [`HttpUpstream`]: a pooled HTTP/1.1 client (hyper-util) bound to one base URL, and
+//! [`Upstreams`], the pair of backends built from a config.
+//!
+//! The base URL can change at run time (a Vast.ai instance's port mapping moves when it
+//! restarts), so it sits behind an `ArcSwapOption`; `None` means "not reachable now".
+//! The Vast.ai key is attached here, to vastai requests only, as a sensitive header value.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::serverless::Serverless;
+use super::tls::{client_config, TlsError};
+use super::{Body, UpstreamError};
+use crate::config::{BaseUrl, Config, UpstreamSettings, VastaiMode};
+use crate::metrics::ErrorKind;
+use crate::routing::Backend;
+
+/// Environment variables the process was started with; secrets are read from here by name.
+pub type Env = Arc<HashMap<String, String>>;
+
+/// Idle upstream connections are closed after this long: shorter than the keep-alive of common
+/// servers (Node.js and Apache 5 s, nginx 75 s) so a pooled connection is never reused just as
+/// the upstream closes it.
+const POOL_IDLE: Duration = Duration::from_secs(4);
+
+/// The pooled client type shared by every upstream.
+pub type PooledClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// Builds a pooled client; `tls` is needed only for https upstreams.
+pub fn pooled_client(connect_timeout: Duration, tls: Option<rustls::ClientConfig>) -> PooledClient {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let tls = tls.unwrap_or_else(|| {
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+    });
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(https)
+}
+
+/// One backend reached over HTTP(S).
+pub struct HttpUpstream {
+    pub backend: Backend,
+    client: PooledClient,
+    base: ArcSwapOption<BaseUrl>,
+    pub settings: UpstreamSettings,
+    /// `Authorization: Bearer <key>` for vastai when `api_key_env` is set; marked sensitive.
+    auth: Option<HeaderValue>,
+}
+
+impl HttpUpstream {
+    pub fn new(
+        backend: Backend,
+        base: Option<BaseUrl>,
+        settings: UpstreamSettings,
+        api_key: Option<&str>,
+        needs_tls: bool,
+    ) -> Result<HttpUpstream, TlsError> {
+        let tls = if needs_tls {
+            Some(client_config(
+                settings.ca_file.as_deref(),
+                settings.tls_insecure_skip_verify,
+            )?)
+        } else {
+            None
+        };
+        if settings.tls_insecure_skip_verify {
+            tracing::warn!(
+                backend = backend.as_str(),
+                "tls_insecure_skip_verify is on: upstream certificates are NOT verified"
+            );
+        }
+        let auth = api_key.and_then(|k| {
+            let mut v = HeaderValue::try_from(format!("Bearer {k}")).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
+        Ok(HttpUpstream {
+            backend,
+            client: pooled_client(settings.connect_timeout, tls),
+            base: ArcSwapOption::new(base.map(Arc::new)),
+            settings,
+            auth,
+        })
+    }
+
+    /// The current base URL; `None` while the upstream has no address (instance not running).
+    pub fn base(&self) -> Option<Arc<BaseUrl>> {
+        self.base.load_full()
+    }
+
+    pub fn set_base(&self, base: Option<BaseUrl>) {
+        self.base.store(base.map(Arc::new));
+    }
+
+    /// Sends a request whose URI is origin-form (path and query) to this upstream, waiting at
+    /// most `settings.timeout` for the response headers.
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        let Some(base) = self.base() else {
+            return Err(UpstreamError::new(
+                ErrorKind::Connect,
+                format!(
+                    "{} has no address (instance not running)",
+                    self.backend.as_str()
+                ),
+            ));
+        };
+        let pq = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+        *req.uri_mut() = absolute_uri(&base, pq)?;
+        if !self.settings.preserve_host {
+            req.headers_mut().remove(header::HOST);
+        }
+        if let Some(auth) = &self.auth {
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, auth.clone());
+        }
+        self.send_absolute(req, self.settings.timeout).await
+    }
+
+    /// Sends a request whose URI is already absolute.
+    pub async fn send_absolute(
+        &self,
+        req: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify(self.backend, &e)),
+            Err(_) => Err(UpstreamError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "{} did not answer within {} ms",
+                    self.backend.as_str(),
+                    timeout.as_millis()
+                ),
+            )),
+        }
+    }
+}
+
+/// `base` + the upstream's path prefix + the client's path and query, byte for byte.
+pub fn absolute_uri(base: &BaseUrl, pq: &str) -> Result<Uri, UpstreamError> {
+    let mut s = String::with_capacity(
+        base.authority.as_str().len() + base.path_prefix.len() + pq.len() + 8,
+    );
+    s.push_str(base.scheme.as_str());
+    s.push_str("://");
+    s.push_str(base.authority.as_str());
+    s.push_str(&base.path_prefix);
+    s.push_str(pq);
+    Uri::try_from(s)
+        .map_err(|_| UpstreamError::new(ErrorKind::Other, "request target cannot be forwarded"))
+}
+
+/// Maps a client error onto the `kind` label, without leaking internals.
+fn classify(backend: Backend, e: &hyper_util::client::legacy::Error) -> UpstreamError {
+    let name = backend.as_str();
+    if e.is_connect() {
+        return UpstreamError::new(ErrorKind::Connect, format!("cannot connect to {name}"));
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return UpstreamError::new(
+                    ErrorKind::Reset,
+                    format!("{name} closed the connection before answering"),
+                );
+            }
+            if h.is_timeout() {
+                return UpstreamError::new(ErrorKind::Timeout, format!("{name} timed out"));
+            }
+            if h.is_parse() {
+                return UpstreamError::new(
+                    ErrorKind::Other,
+                    format!("{name} sent an invalid response"),
+                );
+            }
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            if matches!(
+                io.kind(),
+                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof
+            ) {
+                return UpstreamError::new(
+                    ErrorKind::Reset,
+                    format!("{name} reset the connection"),
+                );
+            }
+        }
+        source = s.source();
+    }
+    UpstreamError::new(ErrorKind::Other, format!("request to {name} failed"))
+}
+
+/// How vastai is reached.
+pub enum VastaiUpstream {
+    /// `direct` and `instance` modes: plain HTTP(S) to a base URL.
+    Http(Arc<HttpUpstream>),
+    /// `serverless` mode: route, then call the worker with the wrapped payload.
+    Serverless(Arc<Serverless>),
+}
+
+/// Both backends, built from one config.
+pub struct Upstreams {
+    pub legacy: Arc<HttpUpstream>,
+    pub vastai: VastaiUpstream,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("[{side}] {source}")]
+    Tls {
+        side: &'static str,
+        source: TlsError,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Upstreams {
+    pub fn build(config: &Config, env: &Env) -> Result<Upstreams, BuildError> {
+        let legacy_base = config
+            .legacy
+            .url
+            .as_deref()
+            .map(BaseUrl::parse)
+            .transpose()
+            .map_err(BuildError::Invalid)?;
+        let legacy_tls = legacy_base.as_ref().is_some_and(BaseUrl::is_https);
+        let legacy = HttpUpstream::new(
+            Backend::Legacy,
+            legacy_base,
+            config.legacy_settings(),
+            None,
+            legacy_tls,
+        )
+        .map_err(|source| BuildError::Tls {
+            side: "legacy",
+            source,
+        })?;
+        let vs = config.vastai_settings();
+        let key = vs
+            .api_key_env
+            .as_ref()
+            .and_then(|name| env.get(name))
+            .map(String::as_str);
+        if let (Some(name), None) = (&vs.api_key_env, key) {
+            tracing::warn!(variable = %name, "vastai.api_key_env names a variable that is not set");
+        }
+        let vastai =
+            match config.vastai_mode() {
+                VastaiMode::Direct => {
+                    let base = config
+                        .vastai
+                        .url
+                        .as_deref()
+                        .map(BaseUrl::parse)
+                        .transpose()
+                        .map_err(BuildError::Invalid)?;
+                    let tls = base.as_ref().is_some_and(BaseUrl::is_https);
+                    let up = HttpUpstream::new(Backend::Vastai, base, vs, key, tls).map_err(
+                        |source| BuildError::Tls {
+                            side: "vastai",
+                            source,
+                        },
+                    )?;
+                    VastaiUpstream::Http(Arc::new(up))
+                }
+                VastaiMode::Instance => {
+                    let tls = config.vastai.scheme.as_deref() == Some("https");
+                    let up = HttpUpstream::new(Backend::Vastai, None, vs, key, tls).map_err(
+                        |source| BuildError::Tls {
+                            side: "vastai",
+                            source,
+                        },
+                    )?;
+                    VastaiUpstream::Http(Arc::new(up))
+                }
+                VastaiMode::Serverless => {
+                    let s = Serverless::new(config, key).map_err(|source| BuildError::Tls {
+                        side: "vastai",
+                        source,
+                    })?;
+                    VastaiUpstream::Serverless(Arc::new(s))
+                }
+            };
+        Ok(Upstreams {
+            legacy: Arc::new(legacy),
+            vastai,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absolute_uri_keeps_prefix_path_and_query() {
+        let base = BaseUrl::parse("http://h:81/v1").expect("valid");
+        let uri = absolute_uri(&base, "/a%20b/c?x=1&y=%2F").expect("valid");
+        assert_eq!(uri.to_string(), "http://h:81/v1/a%20b/c?x=1&y=%2F");
+    }
+}
