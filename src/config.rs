@@ -450,7 +450,26 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and validates config text; `base_dir` anchors relative paths.
 pub fn parse(text: &str, base_dir: PathBuf) -> Result<Config, ConfigError> {
-    let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+    let mut config: Config = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+        .map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .span()
+                .map(|s| {
+                    format!(
+                        " (line {})",
+                        text[..s.start.min(text.len())].matches('\n').count() + 1
+                    )
+                })
+                .unwrap_or_default();
+            let message = inner.message().trim().to_string();
+            if path.is_empty() || path == "." {
+                ConfigError::Parse(format!("{message}{line}"))
+            } else {
+                ConfigError::Parse(format!("{path}: {message}{line}"))
+            }
+        })?;
     config.base_dir = base_dir;
     config.validate()?;
     Ok(config)
