@@ -99,25 +99,6 @@ fn error_response(
     resp
 }
 
-/// Requests whose framing is ambiguous are refused before anything is forwarded, and the
-/// connection is closed: Content-Length with Transfer-Encoding, or several Content-Lengths.
-fn reject_smuggling(headers: &HeaderMap) -> Option<Response<Body>> {
-    let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();
-    if lengths > 1 || (lengths == 1 && headers.contains_key(header::TRANSFER_ENCODING)) {
-        let id = request_id(headers);
-        let mut resp = error_response(
-            StatusCode::BAD_REQUEST,
-            "ambiguous request framing",
-            None,
-            &id,
-        );
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Some(resp);
-    }
-    None
-}
-
 /// A status from vastai that makes an idempotent request worth replaying on legacy.
 fn replayable_status(method: &Method, status: StatusCode) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
@@ -143,9 +124,6 @@ impl Proxy {
         client: SocketAddr,
         req: Request<Incoming>,
     ) -> Response<Body> {
-        if let Some(resp) = reject_smuggling(req.headers()) {
-            return resp;
-        }
         let start = Instant::now();
         let table = self.table.load_full();
         let rt = self.runtime.load_full();
@@ -520,22 +498,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn smuggling_shapes_are_refused() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        assert!(reject_smuggling(&h).is_none());
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        assert!(reject_smuggling(&h).is_some());
-        let mut h = HeaderMap::new();
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        assert!(reject_smuggling(&h).is_some());
-    }
 
     #[test]
     fn replay_only_idempotent_gateway_errors() {

@@ -18,7 +18,11 @@ async fn count_vastai(vs: &Vastshift, n: usize, path: &str) -> usize {
             let url = vs.url(path);
             async move { served_by(&c.get(url).send().await.unwrap()) }
         });
-        vastai += join_all(futs).await.iter().filter(|b| b.as_str() == "vastai").count();
+        vastai += join_all(futs)
+            .await
+            .iter()
+            .filter(|b| b.as_str() == "vastai")
+            .count();
     }
     vastai
 }
@@ -27,12 +31,21 @@ async fn count_vastai(vs: &Vastshift, n: usize, path: &str) -> usize {
 async fn thirty_percent_lands_in_the_binomial_interval_and_extremes_are_exact() {
     let legacy = Backend::named("legacy").await;
     let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(&legacy.url(), &vastai.url(), "[split]\npercent = 30\n")).await;
+    let vs = Vastshift::start(&config(
+        &legacy.url(),
+        &vastai.url(),
+        "[split]\npercent = 30\n",
+    ))
+    .await;
     let n = 2000usize;
     let got = count_vastai(&vs, n, "/r").await as f64;
     let (mean, sd) = (n as f64 * 0.3, (n as f64 * 0.3 * 0.7).sqrt());
     // 99.9 % two-sided interval of the binomial: mean ± 3.29 sd.
-    assert!((got - mean).abs() <= 3.29 * sd, "{got} vastai of {n}, expected {mean} ± {}", 3.29 * sd);
+    assert!(
+        (got - mean).abs() <= 3.29 * sd,
+        "{got} vastai of {n}, expected {mean} ± {}",
+        3.29 * sd
+    );
 
     let c = client();
     admin(&c, reqwest::Method::PUT, vs.admin_url("/admin/split"))
@@ -51,7 +64,13 @@ async fn thirty_percent_lands_in_the_binomial_interval_and_extremes_are_exact() 
 }
 
 async fn backend_for(c: &reqwest::Client, vs: &Vastshift, header: (&str, &str)) -> String {
-    served_by(&c.get(vs.url("/s")).header(header.0, header.1).send().await.unwrap())
+    served_by(
+        &c.get(vs.url("/s"))
+            .header(header.0, header.1)
+            .send()
+            .await
+            .unwrap(),
+    )
 }
 
 #[tokio::test]
@@ -70,7 +89,11 @@ async fn sticky_keys_keep_their_backend_and_only_move_towards_vastai() {
     for k in &keys {
         let first = backend_for(&c, &vs, ("x-user", k)).await;
         for _ in 0..2 {
-            assert_eq!(backend_for(&c, &vs, ("x-user", k)).await, first, "key {k} changed backend");
+            assert_eq!(
+                backend_for(&c, &vs, ("x-user", k)).await,
+                first,
+                "key {k} changed backend"
+            );
         }
         before.push(first);
     }
@@ -88,7 +111,10 @@ async fn sticky_keys_keep_their_backend_and_only_move_towards_vastai() {
         }
         at_50 += usize::from(now == "vastai");
     }
-    assert!(at_50 > at_20, "raising 20 -> 50 moved some keys to vastai ({at_20} -> {at_50})");
+    assert!(
+        at_50 > at_20,
+        "raising 20 -> 50 moved some keys to vastai ({at_20} -> {at_50})"
+    );
     vs.stop().await;
 }
 
@@ -104,20 +130,33 @@ async fn sticky_buckets_match_murmur3_reference_values() {
     .await;
     let c = client();
     // MurmurHash3 x86_32, seed 0, of "vastshift:<key>" mod 10000 (reference: the mmh3 package).
-    for (key, bucket) in [("user-1", 314), ("user-2", 6341), ("alice", 8257), ("bob", 2053)] {
-        let v: serde_json::Value = admin(&c, reqwest::Method::GET, vs.admin_url(&format!("/admin/explain?key={key}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    for (key, bucket) in [
+        ("user-1", 314),
+        ("user-2", 6341),
+        ("alice", 8257),
+        ("bob", 2053),
+    ] {
+        let v: serde_json::Value = admin(
+            &c,
+            reqwest::Method::GET,
+            vs.admin_url(&format!("/admin/explain?key={key}")),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
         assert_eq!(v["bucket"], bucket, "{key}: {v}");
         let expected = if bucket < 3150 { "vastai" } else { "legacy" };
         assert_eq!(v["backend"], expected);
         // The proxy routes a request carrying that cookie the same way.
         let cookie = format!("other=1; uid={key}");
-        assert_eq!(backend_for(&c, &vs, ("cookie", &cookie)).await, expected, "{key}");
+        assert_eq!(
+            backend_for(&c, &vs, ("cookie", &cookie)).await,
+            expected,
+            "{key}"
+        );
     }
     vs.stop().await;
 }
@@ -126,10 +165,19 @@ async fn sticky_buckets_match_murmur3_reference_values() {
 async fn client_ip_stickiness_is_stable() {
     let legacy = Backend::named("legacy").await;
     let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(&legacy.url(), &vastai.url(), "[split]\npercent = 50\nsticky = \"client-ip\"\n")).await;
+    let vs = Vastshift::start(&config(
+        &legacy.url(),
+        &vastai.url(),
+        "[split]\npercent = 50\nsticky = \"client-ip\"\n",
+    ))
+    .await;
     let c = client();
     let first = served_by(&c.get(vs.url("/")).send().await.unwrap());
-    let expected = if vastshift::routing::bucket_for("vastshift", "127.0.0.1") < 5000 { "vastai" } else { "legacy" };
+    let expected = if vastshift::routing::bucket_for("vastshift", "127.0.0.1") < 5000 {
+        "vastai"
+    } else {
+        "legacy"
+    };
     assert_eq!(first, expected);
     for _ in 0..30 {
         assert_eq!(served_by(&c.get(vs.url("/")).send().await.unwrap()), first);
@@ -154,20 +202,48 @@ async fn routes_match_whole_segments_and_methods_and_the_override_header_pins() 
     assert_eq!(served_by(&get("/api/users/7?x=1").await.unwrap()), "vastai");
     assert_eq!(served_by(&get("/api/usersx").await.unwrap()), "legacy");
     assert_eq!(served_by(&get("/api").await.unwrap()), "legacy");
-    assert_eq!(served_by(&c.post(vs.url("/api/users/7")).send().await.unwrap()), "legacy");
+    assert_eq!(
+        served_by(&c.post(vs.url("/api/users/7")).send().await.unwrap()),
+        "legacy"
+    );
 
     // The override header pins either way; a bogus value is ignored.
-    let pinned = c.get(vs.url("/other")).header("x-vastshift-backend", "vastai").send().await.unwrap();
+    let pinned = c
+        .get(vs.url("/other"))
+        .header("x-vastshift-backend", "vastai")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(served_by(&pinned), "vastai");
-    let pinned = c.get(vs.url("/api/users/7")).header("x-vastshift-backend", "legacy").send().await.unwrap();
+    let pinned = c
+        .get(vs.url("/api/users/7"))
+        .header("x-vastshift-backend", "legacy")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(served_by(&pinned), "legacy");
     for _ in 0..20 {
-        let bogus = c.get(vs.url("/other")).header("x-vastshift-backend", "bogus").send().await.unwrap();
+        let bogus = c
+            .get(vs.url("/other"))
+            .header("x-vastshift-backend", "bogus")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(served_by(&bogus), "legacy");
     }
     // Route labels in metrics are route names, never paths.
-    let metrics = c.get(vs.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = c
+        .get(vs.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains(r#"route="users-read""#));
-    assert!(!metrics.contains("/api/users"), "a raw path leaked into a label");
+    assert!(
+        !metrics.contains("/api/users"),
+        "a raw path leaked into a label"
+    );
     vs.stop().await;
 }
