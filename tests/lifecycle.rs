@@ -229,7 +229,7 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let (path, pp, ap) = binary_config(dir.path(), &legacy.url(), &legacy.url(), "");
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&path)
         .env("VASTSHIFT_ADMIN_TOKEN", TOKEN)
