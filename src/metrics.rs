@@ -219,6 +219,16 @@ impl Metrics {
             healthy.with_label_values(&[b.as_str()]).set(1);
         }
         fallbacks.with_label_values(&["default"]);
+        for b in Backend::ALL {
+            for k in [
+                ErrorKind::Connect,
+                ErrorKind::Timeout,
+                ErrorKind::Reset,
+                ErrorKind::Other,
+            ] {
+                upstream_errors.with_label_values(&[b.as_str(), k.as_str()]);
+            }
+        }
         let in_flight = [
             in_flight_vec.with_label_values(&["legacy"]),
             in_flight_vec.with_label_values(&["vastai"]),
