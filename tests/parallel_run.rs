@@ -1,0 +1,302 @@
+//! The parallel run (issue: shadow): mirroring to the backend that did not serve, comparison,
+//! noise learning, bounds, and that the client never waits for a mirror.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+async fn shadow_doc(vs: &Vastshift) -> Value {
+    admin(&client(), Method::GET, vs.admin_url("/admin/shadow"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until `n` mirrors have a verdict (match, mismatch or error).
+async fn settled(vs: &Vastshift, n: u64) -> Value {
+    let ok = eventually(10.0, || async {
+        let d = shadow_doc(vs).await;
+        d["matched"].as_u64().unwrap()
+            + d["mismatched"].as_u64().unwrap()
+            + d["errors"].as_u64().unwrap()
+            >= n
+    })
+    .await;
+    assert!(ok, "mirrors settled: {}", shadow_doc(vs).await);
+    shadow_doc(vs).await
+}
+
+async fn json_backend(v: Value) -> Backend {
+    let v = Arc::new(v);
+    Backend::start(move |_req| {
+        let v = Arc::clone(&v);
+        async move { json_response(200, &v) }
+    })
+    .await
+}
+
+const SHADOW_ON: &str = "[split]\npercent = 0\n[shadow]\nenabled = true\n";
+
+#[tokio::test]
+async fn identical_reordered_and_ignored_answers_match_and_a_changed_field_mismatches() {
+    let legacy = json_backend(
+        json!({"id": 7, "name": "ann", "meta": {"at": 1}, "items": [{"ts": 1, "v": 1}]}),
+    )
+    .await;
+    let same = json_backend(
+        json!({"items": [{"v": 1, "ts": 1}], "meta": {"at": 1}, "name": "ann", "id": 7.0}),
+    )
+    .await;
+    let vs = Vastshift::start(&config(&legacy.url(), &same.url(), SHADOW_ON)).await;
+    let c = client();
+    for i in 0..10 {
+        let r = c.get(vs.url(&format!("/users/{i}"))).send().await.unwrap();
+        assert_eq!(served_by(&r), "legacy");
+    }
+    let d = settled(&vs, 10).await;
+    assert_eq!(
+        (d["matched"].as_u64(), d["mismatched"].as_u64()),
+        (Some(10), Some(0)),
+        "{d}"
+    );
+    assert_eq!(d["match_rate"], 1.0);
+    // Mirrors carry the shadow header and went to vastai (the backend that did not serve).
+    let mirrored = same.seen.lock().unwrap().clone();
+    assert_eq!(mirrored.len(), 10);
+    assert!(mirrored
+        .iter()
+        .all(|s| s.headers["x-vastshift-shadow"] == "1"));
+    vs.stop().await;
+
+    let other = json_backend(
+        json!({"id": 7, "name": "bob", "meta": {"at": 2}, "items": [{"ts": 9, "v": 1}]}),
+    )
+    .await;
+    let vs = Vastshift::start(&config(&legacy.url(), &other.url(), SHADOW_ON)).await;
+    for i in 0..10 {
+        c.get(vs.url(&format!("/users/{i}"))).send().await.unwrap();
+    }
+    let d = settled(&vs, 10).await;
+    assert_eq!(
+        (d["matched"].as_u64(), d["mismatched"].as_u64()),
+        (Some(0), Some(10)),
+        "{d}"
+    );
+    let m = &d["mismatches"][0];
+    let pointers: Vec<&str> = m["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["pointer"].as_str().unwrap())
+        .collect();
+    assert!(pointers.contains(&"/name"), "{m}");
+    assert_eq!(m["primary_backend"], "legacy");
+    assert_eq!(m["shadow_backend"], "vastai");
+    assert_eq!(m["path"], "/users/9", "newest first");
+    let metrics = c
+        .get(vs.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("vastshift_shadow_requests_total{result=\"mismatch\"} 10"),
+        "{metrics}"
+    );
+    vs.stop().await;
+
+    // The same differences, ignored by pointer (with a wildcard over array items).
+    let ignoring =
+        format!("{SHADOW_ON}ignore_json_paths = [\"/name\", \"/meta/at\", \"/items/*/ts\"]\n");
+    let vs = Vastshift::start(&config(&legacy.url(), &other.url(), &ignoring)).await;
+    for i in 0..10 {
+        c.get(vs.url(&format!("/users/{i}"))).send().await.unwrap();
+    }
+    let d = settled(&vs, 10).await;
+    assert_eq!(
+        (d["matched"].as_u64(), d["mismatched"].as_u64()),
+        (Some(10), Some(0)),
+        "{d}"
+    );
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn noise_is_learned_without_any_ignore_rule() {
+    let counter = Arc::new(AtomicU64::new(0));
+    let make = |name: &'static str| {
+        let counter = Arc::clone(&counter);
+        Backend::start(move |_req| {
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            async move {
+                json_response(
+                    200,
+                    &json!({"name": "ann", "generated_at": format!("t{n}"), "by": name.len()}),
+                )
+            }
+        })
+    };
+    let legacy = make("legacy").await;
+    let vastai = make("vastai").await;
+    let vs = Vastshift::start(&config(
+        &legacy.url(),
+        &vastai.url(),
+        &format!("{SHADOW_ON}noise_samples = 100\n"),
+    ))
+    .await;
+    let c = client();
+    c.get(vs.url("/a")).send().await.unwrap();
+    let first = settled(&vs, 1).await;
+    assert_eq!(first["learned_noise"], json!(["/generated_at"]), "{first}");
+    for _ in 0..10 {
+        c.get(vs.url("/a")).send().await.unwrap();
+    }
+    let d = settled(&vs, 11).await;
+    assert!(
+        d["matched"].as_u64().unwrap() >= 10,
+        "learned noise turns the timestamp mismatch into a match: {d}"
+    );
+    assert_eq!(d["learned_noise"], json!(["/generated_at"]));
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_or_dead_shadow_never_slows_the_client_and_excess_mirrors_are_dropped() {
+    let legacy = Backend::named("legacy").await;
+    let slow = Backend::start(|_req| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        respond(200, "legacy")
+    })
+    .await;
+    let vs = Vastshift::start(&config(
+        &legacy.url(),
+        &slow.url(),
+        &format!("{SHADOW_ON}max_in_flight = 2\ntimeout_ms = 3000\n"),
+    ))
+    .await;
+    let c = client();
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let r = c.get(vs.url("/fast")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "legacy");
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "the client waited for the mirror: {:?}",
+            t0.elapsed()
+        );
+    }
+    let d = shadow_doc(&vs).await;
+    assert!(
+        d["dropped"].as_u64().unwrap() >= 7,
+        "beyond max_in_flight mirrors are dropped: {d}"
+    );
+    vs.stop().await;
+
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let vs = Vastshift::start(&config(&legacy.url(), &dead_url, SHADOW_ON)).await;
+    for _ in 0..10 {
+        let r = c.get(vs.url("/fast")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "legacy");
+    }
+    let d = settled(&vs, 10).await;
+    assert_eq!(d["errors"], 10, "{d}");
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn writes_are_not_mirrored_by_default_and_oversized_bodies_are_skipped() {
+    let legacy = Backend::named("legacy").await;
+    let vastai = Backend::named("legacy").await;
+    let vs = Vastshift::start(&config(&legacy.url(), &vastai.url(), SHADOW_ON)).await;
+    let c = client();
+    for _ in 0..5 {
+        c.post(vs.url("/orders")).body("{}").send().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(vastai.count(), 0, "POST is never mirrored unless listed");
+    let d = shadow_doc(&vs).await;
+    assert_eq!(d["skipped"], 5, "{d}");
+    vs.stop().await;
+
+    let vs = Vastshift::start(&config(
+        &legacy.url(),
+        &vastai.url(),
+        &format!("{SHADOW_ON}methods = [\"GET\", \"PUT\"]\nmax_body_bytes = 1024\n"),
+    ))
+    .await;
+    c.put(vs.url("/big"))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
+    c.put(vs.url("/small")).body("tiny").send().await.unwrap();
+    let d = settled(&vs, 1).await;
+    assert_eq!(d["skipped"], 1, "{d}");
+    assert_eq!(d["matched"], 1, "{d}");
+    let mirrored: Vec<String> = vastai
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.target.clone())
+        .collect();
+    assert_eq!(mirrored, ["/small"]);
+    let metrics = c
+        .get(vs.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("vastshift_shadow_requests_total{result=\"skipped\"} 1"),
+        "{metrics}"
+    );
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn after_cutover_legacy_keeps_being_checked() {
+    let legacy = Backend::named("same").await;
+    let vastai = Backend::named("same").await;
+    let vs = Vastshift::start(&config(
+        &legacy.url(),
+        &vastai.url(),
+        "[split]\npercent = 100\n[shadow]\nenabled = true\n",
+    ))
+    .await;
+    let c = client();
+    for _ in 0..5 {
+        assert_eq!(
+            served_by(&c.get(vs.url("/x")).send().await.unwrap()),
+            "vastai"
+        );
+    }
+    let d = settled(&vs, 5).await;
+    assert_eq!(d["matched"], 5);
+    assert_eq!(legacy.count(), 5, "mirrors go to legacy once vastai serves");
+    assert!(legacy
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|s| s.headers["x-vastshift-shadow"] == "1"));
+    vs.stop().await;
+}
