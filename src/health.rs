@@ -31,6 +31,8 @@ struct State {
     probe_failures: AtomicU32,
     /// Milliseconds since `Health::epoch` of the last half-open trial.
     last_trial_ms: AtomicU64,
+    /// Every connect failure ever seen, so watchers (the instance resolver) notice new ones.
+    connect_failures_total: AtomicU64,
 }
 
 impl State {
@@ -40,6 +42,7 @@ impl State {
             failures: AtomicU32::new(0),
             probe_failures: AtomicU32::new(0),
             last_trial_ms: AtomicU64::new(0),
+            connect_failures_total: AtomicU64::new(0),
         }
     }
 }
@@ -97,9 +100,17 @@ impl Health {
         }
     }
 
+    /// How many real requests have failed to connect to `b` since start.
+    pub fn connect_failures(&self, b: Backend) -> u64 {
+        self.states[idx(b)]
+            .connect_failures_total
+            .load(Ordering::Relaxed)
+    }
+
     /// A real request could not connect to `b`.
     pub fn connect_failure(&self, b: Backend) {
         let s = &self.states[idx(b)];
+        s.connect_failures_total.fetch_add(1, Ordering::Relaxed);
         let n = s.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= PASSIVE_FAILURES && s.healthy.load(Ordering::Relaxed) {
             self.set(b, false, "consecutive connect failures");

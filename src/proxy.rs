@@ -165,7 +165,10 @@ impl Proxy {
             if serverless && (!is_json_post(&parts.method, &parts.headers) || upgrade.is_some()) {
                 // Serverless workers only take JSON POSTs; everything else stays on legacy.
                 backend = Backend::Legacy;
-            } else if table.fallback && !self.health.allow(Backend::Vastai, start) {
+            } else if table.fallback
+                && (!rt.upstreams.vastai_addressable()
+                    || !self.health.allow(Backend::Vastai, start))
+            {
                 backend = Backend::Legacy;
                 diverted = true;
             }

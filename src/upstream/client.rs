@@ -185,11 +185,35 @@ pub fn absolute_uri(base: &BaseUrl, pq: &str) -> Result<Uri, UpstreamError> {
         .map_err(|_| UpstreamError::new(ErrorKind::Other, "request target cannot be forwarded"))
 }
 
+/// The rustls error behind a failed connection, if the failure was TLS (an unknown issuer, a
+/// name mismatch…): operators need that, not a bare "cannot connect".
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<rustls::Error>() {
+            return Some(r.to_string());
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Some(r.to_string());
+            }
+        }
+        source = s.source();
+    }
+    None
+}
+
 /// Maps a client error onto the `kind` label, without leaking internals.
 fn classify(backend: Backend, e: &hyper_util::client::legacy::Error) -> UpstreamError {
     let name = backend.as_str();
     if e.is_connect() {
-        return UpstreamError::new(ErrorKind::Connect, format!("cannot connect to {name}"));
+        return match tls_failure(e) {
+            Some(why) => UpstreamError::new(
+                ErrorKind::Connect,
+                format!("TLS handshake with {name} failed: {why}"),
+            ),
+            None => UpstreamError::new(ErrorKind::Connect, format!("cannot connect to {name}")),
+        };
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
@@ -253,6 +277,15 @@ pub enum BuildError {
 }
 
 impl Upstreams {
+    /// False while vastai has no address at all (a Vast.ai instance that is not running):
+    /// trying it would only fail, so its share goes straight to legacy.
+    pub fn vastai_addressable(&self) -> bool {
+        match &self.vastai {
+            VastaiUpstream::Http(up) => up.base().is_some(),
+            VastaiUpstream::Serverless(_) => true,
+        }
+    }
+
     pub fn build(config: &Config, env: &Env) -> Result<Upstreams, BuildError> {
         let legacy_base = config
             .legacy

@@ -96,13 +96,17 @@ impl Backend {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = Arc::clone(&seen);
         let task = tokio::spawn(async move {
+            // Connections live in this set, so dropping the backend closes them all: a dropped
+            // backend is really gone, pooled connections included.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                while connections.try_join_next().is_some() {}
                 let handler = Arc::clone(&handler);
                 let seen = Arc::clone(&seen2);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let probe = req
                             .headers()
