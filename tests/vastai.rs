@@ -220,7 +220,8 @@ enum WorkerMode {
 
 struct Fake {
     router: Backend,
-    worker: Backend,
+    /// Kept alive for as long as the fake runs.
+    _worker: Backend,
     calls: Arc<Mutex<Vec<Value>>>,
     worker_calls: Arc<Mutex<Vec<Value>>>,
 }
