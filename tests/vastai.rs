@@ -307,7 +307,7 @@ impl Fake {
         .await;
         Fake {
             router,
-            worker,
+            _worker: worker,
             calls,
             worker_calls,
         }
