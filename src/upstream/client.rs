@@ -193,10 +193,13 @@ fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         if let Some(r) = s.downcast_ref::<rustls::Error>() {
             return Some(r.to_string());
         }
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        // io::Error hides what it wraps from `source()`; look inside, layer by layer.
+        let mut io = s.downcast_ref::<std::io::Error>();
+        while let Some(inner) = io.and_then(std::io::Error::get_ref) {
+            if let Some(r) = inner.downcast_ref::<rustls::Error>() {
                 return Some(r.to_string());
             }
+            io = inner.downcast_ref::<std::io::Error>();
         }
         source = s.source();
     }
