@@ -61,6 +61,15 @@ struct Outgoing {
 }
 
 impl Outgoing {
+    /// Keeps what a replay or a mirror needs; only taken when one may happen.
+    fn of(parts: &http::request::Parts) -> Outgoing {
+        Outgoing {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        }
+    }
+
     fn request(&self, body: Body) -> Request<Body> {
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
@@ -177,12 +186,6 @@ impl Proxy {
             self.metrics.fallback(route_name);
         }
 
-        let out = Outgoing {
-            method: parts.method,
-            uri: parts.uri,
-            headers: parts.headers,
-        };
-
         // The replay copy: only for small bodies going to vastai with fallback on, and always
         // for serverless (the payload is wrapped, so it must be whole).
         let needs_copy = backend == Backend::Vastai
@@ -192,8 +195,8 @@ impl Proxy {
             &table,
             route,
             backend,
-            &out.method,
-            &out.headers,
+            &parts.method,
+            &parts.headers,
             body.size_hint().exact(),
         );
         let (body, replay) = if needs_copy {
@@ -225,15 +228,20 @@ impl Proxy {
             (body.map_err(BoxError::from).boxed_unsync(), None)
         };
         let (body, shadow_tee) = self.shadow.tee(shadow_plan, body, replay.as_ref());
+        // The common case moves the request upstream without copying a header.
+        let out = (replay.is_some() || shadow_tee.is_some()).then(|| Outgoing::of(&parts));
+        let method = parts.method.clone();
+        parts.version = Version::HTTP_11;
+        let req = Request::from_parts(parts, body);
 
         let guard = InFlight::new(self.metrics.in_flight(backend));
-        let result = self.send(&rt, backend, &out, body, replay.as_ref()).await;
+        let result = self.send(&rt, backend, req, replay.as_ref()).await;
         let (served_by, result) = match result {
             Ok(resp)
                 if backend == Backend::Vastai
                     && replay.is_some()
                     && table.fallback
-                    && replayable_status(&out.method, resp.status()) =>
+                    && replayable_status(&method, resp.status()) =>
             {
                 self.record(
                     Backend::Vastai,
@@ -243,7 +251,8 @@ impl Proxy {
                     true,
                 );
                 drop(resp);
-                self.fallback_to_legacy(&rt, &out, replay, route_name).await
+                self.fallback_to_legacy(&rt, out.as_ref(), replay, route_name)
+                    .await
             }
             Err(e)
                 if backend == Backend::Vastai
@@ -252,7 +261,8 @@ impl Proxy {
                     && (e.kind == ErrorKind::Connect || e.unavailable) =>
             {
                 self.record_error(Backend::Vastai, route_name, &e, start);
-                self.fallback_to_legacy(&rt, &out, replay, route_name).await
+                self.fallback_to_legacy(&rt, out.as_ref(), replay, route_name)
+                    .await
             }
             other => (backend, other),
         };
@@ -260,7 +270,9 @@ impl Proxy {
 
         match result {
             Ok(resp) => {
-                let mirror = shadow_tee.map(|task| (task, &out, Arc::clone(&rt)));
+                let mirror = shadow_tee
+                    .zip(out.as_ref())
+                    .map(|(task, out)| (task, out, Arc::clone(&rt)));
                 self.finish(
                     resp,
                     served_by,
@@ -288,11 +300,18 @@ impl Proxy {
     async fn fallback_to_legacy(
         &self,
         rt: &Runtime,
-        out: &Outgoing,
+        out: Option<&Outgoing>,
         replay: Option<Bytes>,
         route_name: &str,
     ) -> (Backend, Result<Response<Incoming>, UpstreamError>) {
         self.metrics.fallback(route_name);
+        let Some(out) = out else {
+            // Unreachable: a replay copy always comes with its request.
+            return (
+                Backend::Legacy,
+                Err(UpstreamError::new(ErrorKind::Other, "nothing to replay")),
+            );
+        };
         let body = full(replay.unwrap_or_default());
         let _guard = InFlight::new(self.metrics.in_flight(Backend::Legacy));
         let res = self
@@ -305,21 +324,15 @@ impl Proxy {
         &self,
         rt: &Runtime,
         backend: Backend,
-        out: &Outgoing,
-        body: Body,
+        req: Request<Body>,
         replay: Option<&Bytes>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         match (backend, &rt.upstreams.vastai) {
-            (Backend::Legacy, _) => {
-                self.send_http(&rt.upstreams.legacy, out.request(body))
-                    .await
-            }
-            (Backend::Vastai, VastaiUpstream::Http(up)) => {
-                self.send_http(up, out.request(body)).await
-            }
+            (Backend::Legacy, _) => self.send_http(&rt.upstreams.legacy, req).await,
+            (Backend::Vastai, VastaiUpstream::Http(up)) => self.send_http(up, req).await,
             (Backend::Vastai, VastaiUpstream::Serverless(s)) => {
                 let payload = replay.cloned().unwrap_or_default();
-                let res = s.call(&out.uri, &out.headers, payload).await;
+                let res = s.call(req.uri(), req.headers(), payload).await;
                 match &res {
                     Ok(_) => self.health.success(Backend::Vastai),
                     Err(e) if e.kind == ErrorKind::Connect => {
