@@ -102,11 +102,19 @@ fn init_logging() {
     }
 }
 
+/// One worker thread means a current-thread runtime: the same single core without the
+/// work-stealing scheduler's bookkeeping (what `--worker-threads 1` is for: pinned deployments
+/// and benchmarks).
 fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads.filter(|n| *n > 0) {
-        b.worker_threads(n);
-    }
+    let mut b = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) if n > 1 => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.enable_all().build()
 }
 

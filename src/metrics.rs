@@ -8,7 +8,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::routing::Backend;
+use crate::routing::{Backend, RouteRef};
 
 /// Why an upstream call failed, as the `kind` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,8 +89,28 @@ pub fn code_class(status: Option<u16>) -> &'static str {
     }
 }
 
+/// The request counters and histograms of one route, resolved once per routing change so the
+/// request path does not look labels up.
+struct RouteHandles {
+    name: String,
+    /// `[backend][1xx, 2xx, 3xx, 4xx, 5xx, error]`.
+    codes: [[IntCounter; 6]; 2],
+    duration: [Histogram; 2],
+}
+
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+fn class_index(status: Option<u16>) -> usize {
+    match status {
+        Some(s @ 100..=599) => usize::from(s / 100) - 1,
+        _ => 5,
+    }
+}
+
 /// Every vastshift metric, registered in its own registry.
 pub struct Metrics {
+    /// Index 0 is the global split, `i + 1` the route at index `i` of the routing table.
+    route_handles: arc_swap::ArcSwap<Vec<RouteHandles>>,
     registry: Registry,
     requests: IntCounterVec,
     duration: HistogramVec,
@@ -234,6 +254,7 @@ impl Metrics {
             in_flight_vec.with_label_values(&["vastai"]),
         ];
         Ok(Metrics {
+            route_handles: arc_swap::ArcSwap::from_pointee(Vec::new()),
             registry,
             requests,
             duration,
@@ -246,6 +267,30 @@ impl Metrics {
             healthy,
             in_flight,
         })
+    }
+
+    /// One answered (or failed) request, on a route of the current routing table.
+    pub fn record_route_request(
+        &self,
+        backend: Backend,
+        route: RouteRef,
+        name: &str,
+        status: Option<u16>,
+        seconds: f64,
+    ) {
+        let handles = self.route_handles.load();
+        let i = match route {
+            RouteRef::Default => 0,
+            RouteRef::Route(i) => i + 1,
+        };
+        // The name check covers a table swapped between routing and recording.
+        match handles.get(i).filter(|h| h.name == name) {
+            Some(h) => {
+                h.codes[idx(backend)][class_index(status)].inc();
+                h.duration[idx(backend)].observe(seconds);
+            }
+            None => self.record_request(backend, name, status, seconds),
+        }
     }
 
     /// One answered (or failed) request.
@@ -274,12 +319,26 @@ impl Metrics {
         &self.in_flight[idx(backend)]
     }
 
-    /// Replaces the split gauges with the given (route, percent) pairs; removed routes vanish.
+    /// Replaces the split gauges with the given (route, percent) pairs, the global split first and
+    /// then the routes in table order; removed routes vanish.
     pub fn set_split(&self, values: &[(String, f64)]) {
         self.split_percent.reset();
+        let mut handles = Vec::with_capacity(values.len());
         for (route, percent) in values {
             self.split_percent.with_label_values(&[route]).set(*percent);
+            let per_backend = |b: Backend| {
+                CLASSES.map(|c| self.requests.with_label_values(&[b.as_str(), route, c]))
+            };
+            handles.push(RouteHandles {
+                name: route.clone(),
+                codes: [per_backend(Backend::Legacy), per_backend(Backend::Vastai)],
+                duration: [
+                    self.duration_handle(Backend::Legacy, route),
+                    self.duration_handle(Backend::Vastai, route),
+                ],
+            });
         }
+        self.route_handles.store(std::sync::Arc::new(handles));
     }
 
     pub fn rollback(&self, trigger: RollbackTrigger) {

@@ -5,7 +5,7 @@
 //! become 502/504 with a JSON body naming the backend; nothing on this path panics or waits
 //! without a deadline. No config parsing, no writes to routing state.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::health::Health;
 use crate::metrics::{ErrorKind, Metrics};
-use crate::routing::{random_bucket, Backend, RoutingTable};
+use crate::routing::{random_bucket, Backend, RouteRef, RoutingTable};
 use crate::shadow::{Shadow, ShadowTask};
 use crate::upstream::headers::{
     add_forwarding, request_id, strip_hop_by_hop, upgrade_protocol, X_REQUEST_ID,
@@ -51,6 +51,30 @@ pub struct Proxy {
     pub health: Arc<Health>,
     pub windows: Arc<ArcSwap<Windows>>,
     pub shadow: Arc<Shadow>,
+}
+
+/// Who is on the other end of a client connection; built once per connection, not per request.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub ip: IpAddr,
+    /// The IP as a header value, for `X-Forwarded-For`.
+    pub ip_header: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Client {
+        let ip = addr.ip();
+        let ip_header =
+            HeaderValue::try_from(ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        Client { ip, ip_header }
+    }
+}
+
+/// The route a request matched, by position (for cached metric handles) and by name.
+#[derive(Debug, Clone, Copy)]
+struct Route<'a> {
+    at: RouteRef,
+    name: &'a str,
 }
 
 /// A request ready to be sent upstream, kept apart so it can be rebuilt for a replay.
@@ -130,7 +154,7 @@ impl Proxy {
     /// Handles one client request. Never fails: errors become responses.
     pub async fn handle(
         self: Arc<Self>,
-        client: SocketAddr,
+        client: Arc<Client>,
         req: Request<Incoming>,
     ) -> Response<Body> {
         let start = Instant::now();
@@ -145,16 +169,20 @@ impl Proxy {
             .and_then(|h| parts.headers.get(h))
             .map(HeaderValue::as_bytes);
         let bucket = table
-            .sticky_key(&parts.headers, client.ip())
+            .sticky_key(&parts.headers, client.ip)
             .map_or_else(random_bucket, |k| k.bucket(&table.salt));
         let decision = table.decide(route, override_value, bucket);
         let route_name = table.route_name(route);
+        let label = Route {
+            at: route,
+            name: route_name,
+        };
         let id = request_id(&parts.headers);
 
         let host = parts.headers.get(header::HOST).cloned();
         let upgrade = upgrade_protocol(&parts.headers);
         strip_hop_by_hop(&mut parts.headers);
-        add_forwarding(&mut parts.headers, client.ip(), host);
+        add_forwarding(&mut parts.headers, &client.ip_header, host);
         parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
         let on_upgrade = match &upgrade {
             Some(proto) => {
@@ -245,7 +273,7 @@ impl Proxy {
             {
                 self.record(
                     Backend::Vastai,
-                    route_name,
+                    label,
                     Some(resp.status().as_u16()),
                     start,
                     true,
@@ -260,7 +288,7 @@ impl Proxy {
                     && table.fallback
                     && (e.kind == ErrorKind::Connect || e.unavailable) =>
             {
-                self.record_error(Backend::Vastai, route_name, &e, start);
+                self.record_error(Backend::Vastai, label, &e, start);
                 self.fallback_to_legacy(&rt, out.as_ref(), replay, route_name)
                     .await
             }
@@ -276,7 +304,7 @@ impl Proxy {
                 self.finish(
                     resp,
                     served_by,
-                    route_name,
+                    label,
                     &id,
                     start,
                     rt.expose_backend_header,
@@ -285,7 +313,7 @@ impl Proxy {
                 )
             }
             Err(e) => {
-                self.record_error(served_by, route_name, &e, start);
+                self.record_error(served_by, label, &e, start);
                 let status = match e.kind {
                     _ if e.unavailable => StatusCode::SERVICE_UNAVAILABLE,
                     ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -362,19 +390,24 @@ impl Proxy {
     fn record(
         &self,
         backend: Backend,
-        route: &str,
+        route: Route<'_>,
         status: Option<u16>,
         start: Instant,
         error: bool,
     ) {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(start);
-        self.metrics
-            .record_request(backend, route, status, elapsed.as_secs_f64());
+        self.metrics.record_route_request(
+            backend,
+            route.at,
+            route.name,
+            status,
+            elapsed.as_secs_f64(),
+        );
         self.windows.load().record(backend, now, elapsed, error);
     }
 
-    fn record_error(&self, backend: Backend, route: &str, e: &UpstreamError, start: Instant) {
+    fn record_error(&self, backend: Backend, route: Route<'_>, e: &UpstreamError, start: Instant) {
         self.metrics.upstream_error(backend, e.kind);
         self.record(backend, route, None, start, true);
     }
@@ -384,7 +417,7 @@ impl Proxy {
         &self,
         resp: Response<Incoming>,
         backend: Backend,
-        route_name: &str,
+        route: Route<'_>,
         id: &HeaderValue,
         start: Instant,
         expose: bool,
@@ -394,7 +427,7 @@ impl Proxy {
         let status = resp.status();
         self.record(
             backend,
-            route_name,
+            route,
             Some(status.as_u16()),
             start,
             status.is_server_error(),
@@ -430,7 +463,7 @@ impl Proxy {
                 }
                 .boxed_unsync();
                 let status = parts.status.as_u16();
-                let route = route_name;
+                let route = route.name;
                 self.shadow.start(
                     task,
                     &out.method,

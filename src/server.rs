@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::guard::Supervisor;
+use crate::proxy::Client;
 use crate::routing::Backend;
 
 /// The two bound listeners; binding is the caller's job so tests can use port 0.
@@ -147,9 +148,11 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let proxy = Arc::clone(&app.proxy);
+        let client = Arc::new(Client::new(peer));
         let service = service_fn(move |req| {
             let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(peer, req).await) }
+            let client = Arc::clone(&client);
+            async move { Ok::<_, Infallible>(proxy.handle(client, req).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)

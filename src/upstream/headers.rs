@@ -1,8 +1,6 @@
 //! Header rewriting between client and upstream (SPEC §4): hop-by-hop removal in both
 //! directions, `X-Forwarded-*`, `Via` and `x-request-id`. Pure functions over `HeaderMap`s.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// `x-request-id`, generated when the client sent none.
@@ -18,8 +16,23 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 vastshift");
 
+/// The hop-by-hop headers every message loses.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including every header `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names, without hashing, settles it.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
         let named: Vec<HeaderName> = conn
             .to_str()
@@ -68,24 +81,22 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
-/// Adds the proxy headers to a request going upstream.
-pub fn add_forwarding(headers: &mut HeaderMap, client_ip: IpAddr, host: Option<HeaderValue>) {
-    let ip = client_ip.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if headers.get_all(&X_FORWARDED_FOR).iter().count() == 1 => {
-            format!("{prev}, {ip}")
-        }
+/// Adds the proxy headers to a request going upstream. `client_ip` is the peer's address as a
+/// header value (built once per connection).
+pub fn add_forwarding(headers: &mut HeaderMap, client_ip: &HeaderValue, host: Option<HeaderValue>) {
+    let xff = match headers.get(&X_FORWARDED_FOR) {
+        None => Some(client_ip.clone()),
         Some(_) => {
-            let all: Vec<&str> = headers
+            let mut all: Vec<&str> = headers
                 .get_all(&X_FORWARDED_FOR)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .collect();
-            format!("{}, {ip}", all.join(", "))
+            all.push(client_ip.to_str().unwrap_or("unknown"));
+            HeaderValue::try_from(all.join(", ")).ok()
         }
-        None => ip,
     };
-    if let Ok(v) = HeaderValue::try_from(xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
@@ -104,8 +115,13 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 fn new_request_id() -> HeaderValue {
-    let id = format!("{:032x}", fastrand::u128(..));
-    HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("0"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let n = fastrand::u128(..);
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = HEX[((n >> (4 * (31 - i))) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
@@ -134,7 +150,7 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         add_forwarding(
             &mut h,
-            "127.0.0.1".parse().expect("ip"),
+            &HeaderValue::from_static("127.0.0.1"),
             Some(HeaderValue::from_static("shop")),
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");

@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# vastshift side by side with nginx and HAProxy, on this machine, in one run.
+#
+#   benches/run.sh                       # 5 rounds of 10 s (about 10 minutes)
+#   ROUNDS=2 DURATION=3 benches/run.sh   # a quick look
+#
+# Two nginx `return 200` backends; vastshift, nginx and HAProxy each split 50/50 between them.
+# wrk is pinned to one core, every server to the other, one worker each. Rounds are interleaved
+# (direct, vastshift, nginx, HAProxy, vastshift with shadow at 100 %), the first is discarded,
+# ratios are taken within a round and the median is reported. Also: added latency at a fixed
+# rate, instructions per proxied request (callgrind) and resident memory. Results go to stdout
+# and benches/results/latest.md. Only 127.0.0.1 is ever loaded; everything started is stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-50}
+LOAD_CPU=${LOAD_CPU:-0}
+SERVER_CPU=${SERVER_CPU:-1}
+RATE=${RATE:-5000}                 # the fixed moderate rate for added latency, requests/s
+IDLE_CONNS=${IDLE_CONNS:-10000}
+CALLGRIND_SECS=${CALLGRIND_SECS:-10}
+
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v wrk >/dev/null || need+=(wrk)
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v taskset >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+ulimit -n "$(ulimit -Hn)"
+
+echo "building vastshift (release)..." >&2
+cargo build --release --quiet
+BIN=$PWD/target/release/vastshift
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+B1=$(free_port); B2=$(free_port); NG=$(free_port); HA=$(free_port)
+VS=$(free_port); VSA=$(free_port); SH=$(free_port); SHA=$(free_port); CG=$(free_port); CGA=$(free_port)
+on_server() { exec taskset -c "$SERVER_CPU" "$@"; }  # always backgrounded: $! is the server
+on_load() { taskset -c "$LOAD_CPU" "$@"; }
+
+# ---- backends: one nginx, one worker, two ports answering 200 "ok"
+mkdir -p "$work/backends" "$work/ngproxy"
+cat > "$work/backends/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $work/backends/nginx.pid;
+error_log $work/backends/error.log warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$B1; location / { return 200 "ok"; } }
+  server { listen 127.0.0.1:$B2; location / { return 200 "ok"; } }
+}
+EOF
+on_server nginx -c "$work/backends/nginx.conf" -p "$work/backends" & pids+=($!)
+
+# ---- nginx as the proxy
+cat > "$work/ngproxy/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $work/ngproxy/nginx.pid;
+error_log $work/ngproxy/error.log warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream split { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NG;
+    location / {
+      proxy_pass http://split;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+on_server nginx -c "$work/ngproxy/nginx.conf" -p "$work/ngproxy" & pids+=($!)
+
+# ---- HAProxy
+cat > "$work/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 9000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:$HA
+  default_backend split
+backend split
+  balance roundrobin
+  http-reuse always
+  server b1 127.0.0.1:$B1
+  server b2 127.0.0.1:$B2
+EOF
+on_server haproxy -f "$work/haproxy.cfg" -db & pids+=($!)
+
+# ---- vastshift: plain, with shadow at 100 %, and one for callgrind
+vs_config() { # listen admin shadow
+  cat <<EOF
+[server]
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
+state_file = "$work/state-$1.json"
+[legacy]
+url = "http://127.0.0.1:$B1"
+[vastai]
+url = "http://127.0.0.1:$B2"
+[split]
+percent = 50.0
+[shadow]
+enabled = $3
+percent = 100.0
+[guard]
+enabled = true
+EOF
+}
+vs_config "$VS" "$VSA" false > "$work/vs.toml"
+vs_config "$SH" "$SHA" true > "$work/shadow.toml"
+vs_config "$CG" "$CGA" false > "$work/cg.toml"
+export VASTSHIFT_ADMIN_TOKEN=bench-token RUST_LOG=warn
+on_server "$BIN" serve --worker-threads 1 --config "$work/vs.toml" & VS_PID=$!; pids+=($VS_PID)
+on_server "$BIN" serve --worker-threads 1 --config "$work/shadow.toml" & SH_PID=$!; pids+=($SH_PID)
+
+wait_port() { for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never answered" >&2; exit 1; }
+for p in $B1 $B2 $NG $HA $VS $SH; do wait_port "$p"; done
+rss_kib() { awk -v k="$2" '$1==k":" {print $2}' "/proc/$1/status"; }
+IDLE_RSS=$(rss_kib "$VS_PID" VmRSS)
+
+# ---- helpers
+# wrk output -> "rps p50_ms p99_ms"
+parse_wrk() {
+  python3 - "$1" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+def ms(v, unit):
+    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+lat = {m.group(1): ms(m.group(2), m.group(3)) for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)}
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+sock = re.search(r"Socket errors: (.*)", text)
+print(f"{rps:.1f} {lat.get('50', 0):.3f} {lat.get('99', 0):.3f} {errors.group(1) if errors else 0} {'sockerr' if sock else 'ok'}")
+PY
+}
+run_wrk() { # name port duration [script]
+  local out="$work/wrk-$1-$RANDOM.txt"
+  if [ -n "${4:-}" ]; then
+    on_load wrk -t1 -c"$CONNS" -d"$3"s --latency -s "$4" "http://127.0.0.1:$2/" > "$out" 2>&1
+  else
+    on_load wrk -t1 -c"$CONNS" -d"$3"s --latency "http://127.0.0.1:$2/" > "$out" 2>&1
+  fi
+  parse_wrk "$out"
+}
+# A fixed rate: each of CONNS connections waits CONNS*1000/RATE ms between requests.
+cat > "$work/rate.lua" <<EOF
+function delay() return $(( CONNS * 1000 / RATE )) end
+EOF
+
+names=(direct vastshift nginx haproxy shadow)
+ports=($B1 $VS $NG $HA $SH)
+echo "warming up..." >&2
+for i in "${!names[@]}"; do run_wrk warm "${ports[$i]}" 2 >/dev/null; done
+
+results="$work/results.txt"
+: > "$results"
+for r in $(seq 1 "$ROUNDS"); do
+  for i in "${!names[@]}"; do
+    line=$(run_wrk "${names[$i]}" "${ports[$i]}" "$DURATION")
+    echo "$r ${names[$i]} throughput $line" >> "$results"
+    echo "round $r ${names[$i]}: $line" >&2
+  done
+  for i in 0 1 2 3; do
+    line=$(run_wrk "${names[$i]}" "${ports[$i]}" "$DURATION" "$work/rate.lua")
+    echo "$r ${names[$i]} rate $line" >> "$results"
+    echo "round $r ${names[$i]} at ~$RATE/s: $line" >&2
+  done
+done
+LOAD_HWM=$(rss_kib "$VS_PID" VmHWM)
+SHADOW_HWM=$(rss_kib "$SH_PID" VmHWM)
+
+# ---- 10,000 idle keep-alive client connections
+python3 - "$VS" "$IDLE_CONNS" "$VS_PID" > "$work/idle.txt" <<'PY'
+import socket, sys, time
+port, n, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+socks = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+    socks.append(s)
+ok = 0
+for s in socks:
+    s.settimeout(10)
+    if s.recv(4096).startswith(b"HTTP/1.1 200"):
+        ok += 1
+time.sleep(1)
+rss = [l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:")][0]
+print(ok, rss)
+for s in socks:
+    s.close()
+PY
+read -r IDLE_OK IDLE_CONN_RSS < "$work/idle.txt"
+
+# ---- instructions per proxied request (callgrind), collection zeroed after warm-up
+requests_total() { curl -s "http://127.0.0.1:$CGA/metrics" | awk '/^vastshift_requests_total/ {s+=$2} END {printf "%d", s}'; }
+IPR="n/a"
+if command -v valgrind >/dev/null; then
+  on_server valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" "$BIN" serve --worker-threads 1 --config "$work/cg.toml" 2>"$work/callgrind.log" & CG_PID=$!; pids+=($CG_PID)
+  for _ in $(seq 300); do curl -fs -o /dev/null "http://127.0.0.1:$CG/" && break; sleep 0.2; done
+  on_load wrk -t1 -c10 -d3s "http://127.0.0.1:$CG/" >/dev/null 2>&1
+  callgrind_control -z "$CG_PID" >/dev/null 2>&1
+  before=$(requests_total)
+  on_load wrk -t1 -c10 -d"$CALLGRIND_SECS"s "http://127.0.0.1:$CG/" >/dev/null 2>&1
+  after=$(requests_total)
+  callgrind_control -d "$CG_PID" >/dev/null 2>&1
+  sleep 1
+  total_ir=$(cat "$work"/callgrind.out* 2>/dev/null | awk '/^(summary|totals):/ {print $2}' | sort -n | tail -1)
+  if [ -n "$total_ir" ] && [ "$after" -gt "$before" ]; then
+    IPR=$(( total_ir / (after - before) ))
+    NREQ=$(( after - before ))
+  fi
+  callgrind_annotate --inclusive=no "$(ls -t "$work"/callgrind.out* | head -1)" 2>/dev/null | head -40 > "$work/profile.txt" || true
+  kill "$CG_PID" 2>/dev/null || true
+fi
+
+# ---- report
+python3 - "$results" "$ROUNDS" "$IDLE_RSS" "$LOAD_HWM" "$SHADOW_HWM" "$IDLE_OK" "$IDLE_CONN_RSS" "$IPR" "${NREQ:-0}" "$RATE" "$CONNS" "$DURATION" > "$work/report.md" <<'PY'
+import statistics, sys
+path, rounds = sys.argv[1], int(sys.argv[2])
+idle, load, shadow_hwm, idle_ok, idle_rss, ipr, nreq, rate, conns, dur = sys.argv[3:13]
+rows = [l.split() for l in open(path)]
+data = {}
+for r, name, kind, rps, p50, p99, non2xx, sock in rows:
+    data.setdefault((kind, name), {})[int(r)] = (float(rps), float(p50), float(p99), int(non2xx), sock)
+keep = [r for r in range(1, rounds + 1) if r > 1] or [1]
+def med(kind, name, i):
+    return statistics.median(data[(kind, name)][r][i] for r in keep)
+def ratio(a, b, kind="throughput", i=0):
+    return statistics.median(data[(kind, a)][r][i] / data[(kind, b)][r][i] for r in keep)
+out = []
+out.append(f"rounds: {rounds} x {dur} s, {conns} connections, first round discarded ({len(keep)} kept)\n")
+out.append("| target | requests/s (median) | p50 ms | p99 ms | non-2xx |")
+out.append("|---|---|---|---|---|")
+for n in ["direct", "vastshift", "nginx", "haproxy", "shadow"]:
+    bad = sum(data[("throughput", n)][r][3] for r in keep)
+    out.append(f"| {n} | {med('throughput', n, 0):,.0f} | {med('throughput', n, 1):.2f} | {med('throughput', n, 2):.2f} | {bad} |")
+out.append("")
+out.append(f"- vastshift / nginx throughput: **{ratio('vastshift', 'nginx'):.2f}x** (median of per-round ratios)")
+out.append(f"- vastshift / HAProxy throughput: **{ratio('vastshift', 'haproxy'):.2f}x**")
+out.append(f"- shadow at 100 % / shadow off throughput: **{ratio('shadow', 'vastshift'):.2f}x**; p99 {med('throughput','shadow',2):.2f} ms vs {med('throughput','vastshift',2):.2f} ms")
+out.append("")
+out.append(f"Added latency over direct at about {rate} requests/s ({conns} connections, fixed delay):\n")
+out.append("| target | achieved req/s | p50 ms | p99 ms | added p50 ms | added p99 ms |")
+out.append("|---|---|---|---|---|---|")
+for n in ["direct", "vastshift", "nginx", "haproxy"]:
+    add50 = statistics.median(data[("rate", n)][r][1] - data[("rate", "direct")][r][1] for r in keep)
+    add99 = statistics.median(data[("rate", n)][r][2] - data[("rate", "direct")][r][2] for r in keep)
+    out.append(f"| {n} | {med('rate', n, 0):,.0f} | {med('rate', n, 1):.3f} | {med('rate', n, 2):.3f} | {add50:.3f} | {add99:.3f} |")
+out.append("")
+out.append(f"- instructions per proxied request (callgrind, {nreq} requests after warm-up): **{ipr}**")
+mib = lambda k: f"{int(k) / 1024:.1f} MiB" if k.isdigit() else k
+out.append(f"- vastshift RSS idle: **{mib(idle)}**; peak under load: **{mib(load)}**; with shadow at 100 %: **{mib(shadow_hwm)}**")
+out.append(f"- vastshift RSS with {idle_ok} idle keep-alive client connections: **{mib(idle_rss)}**")
+print("\n".join(out))
+PY
+mkdir -p benches/results
+{
+  echo "# vastshift benchmark — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo
+  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load on core $LOAD_CPU, servers on core $SERVER_CPU"
+  echo "versions: $("$BIN" --version), $(nginx -v 2>&1), $(haproxy -v | head -1), $(wrk -v 2>&1 | head -1), $(rustc --version)"
+  echo
+  cat "$work/report.md"
+  if [ -s "$work/profile.txt" ]; then
+    echo
+    echo '```'
+    cat "$work/profile.txt"
+    echo '```'
+  fi
+} | tee benches/results/latest.md
