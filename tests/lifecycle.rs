@@ -443,3 +443,64 @@ async fn a_256_mib_upload_and_download_stream_through_in_bounded_memory() {
     );
     assert!(peak < 64 * 1024 * 1024, "peak RSS {peak} bytes");
 }
+
+/// Streams a 256 MiB chunked upload (no Content-Length, so a mirror tee is set up) through the
+/// real binary and returns its peak RSS.
+async fn upload_peak_rss(extra: &str) -> u64 {
+    const SIZE: u64 = 256 * 1024 * 1024;
+    const CHUNK: usize = 64 * 1024;
+    let backend = Backend::start(|req: Request<Incoming>| async move {
+        let mut body = req.into_body();
+        let mut n = 0u64;
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            if let Ok(d) = frame.unwrap().into_data() {
+                n += d.len() as u64;
+            }
+        }
+        respond(200, n.to_string())
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pp, ap) = binary_config(dir.path(), &backend.url(), &backend.url(), extra);
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("VASTSHIFT_ADMIN_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    wait_ready(ap).await;
+    let chunks = futures_util::stream::iter(
+        (0..SIZE / CHUNK as u64).map(|_| Ok::<_, std::io::Error>(vec![1u8; CHUNK])),
+    );
+    let r = client()
+        .post(format!("http://127.0.0.1:{pp}/upload"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), SIZE.to_string());
+    let peak = peak_rss(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    peak
+}
+
+#[tokio::test]
+async fn a_mirrored_upload_still_streams() {
+    let off = upload_peak_rss("[split]\npercent = 0\n").await;
+    let on =
+        upload_peak_rss("[split]\npercent = 0\n[shadow]\nenabled = true\nmethods = [\"POST\"]\n")
+            .await;
+    eprintln!(
+        "peak RSS for a 256 MiB upload: shadow off {:.1} MiB, shadow on {:.1} MiB",
+        off as f64 / 1048576.0,
+        on as f64 / 1048576.0
+    );
+    assert!(
+        on < off + 64 * 1024 * 1024,
+        "shadow on {on} bytes vs off {off} bytes"
+    );
+    assert!(on < 64 * 1024 * 1024, "{on}");
+}
