@@ -197,22 +197,78 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 LOAD_HWM=$(rss_kib "$VS_PID" VmHWM)
+
+# ---- the parallel run must not slow the client: primary latency with a mirror target that
+# takes 1.5 s or is down, against shadow off (all traffic to legacy, mirrors to vastai).
+SLOW=$(free_port); DEAD=$(free_port); I1=$(free_port); I1A=$(free_port); I2=$(free_port); I2A=$(free_port); I3=$(free_port); I3A=$(free_port)
+cat > "$work/slow.py" <<'PY'
+import asyncio, sys
+async def handle(reader, writer):
+    try:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(1.5)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+    except Exception:
+        writer.close()
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=1024)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+PY
+on_server python3 "$work/slow.py" "$SLOW" & pids+=($!)
+iso_config() { # listen admin shadow-enabled vastai-port
+  cat <<EOF
+[server]
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
+state_file = "$work/state-$1.json"
+[legacy]
+url = "http://127.0.0.1:$B1"
+[vastai]
+url = "http://127.0.0.1:$4"
+[split]
+percent = 0.0
+[shadow]
+enabled = $3
+percent = 100.0
+EOF
+}
+iso_config "$I1" "$I1A" false "$SLOW" > "$work/iso-off.toml"
+iso_config "$I2" "$I2A" true "$SLOW" > "$work/iso-slow.toml"
+iso_config "$I3" "$I3A" true "$DEAD" > "$work/iso-down.toml"
+for n in off slow down; do on_server "$BIN" serve --worker-threads 1 --config "$work/iso-$n.toml" & pids+=($!); done
+for p in $I1 $I2 $I3; do wait_port "$p"; done
+iso_names=(shadow-off shadow-slow shadow-down)
+iso_ports=($I1 $I2 $I3)
+for i in 0 1 2; do run_wrk warm "${iso_ports[$i]}" 2 "$work/rate.lua" >/dev/null; done
+for r in $(seq 1 "$ROUNDS"); do
+  for i in 0 1 2; do
+    line=$(run_wrk "${iso_names[$i]}" "${iso_ports[$i]}" "$DURATION" "$work/rate.lua")
+    echo "$r ${iso_names[$i]} isolation $line" >> "$results"
+    echo "round $r ${iso_names[$i]} at ~$RATE/s: $line" >&2
+  done
+done
+ISO_DROPPED=$(curl -s "http://127.0.0.1:$I2A/metrics" | awk '/^vastshift_shadow_requests_total\{result="dropped"\}/ {print $2}')
 SHADOW_HWM=$(rss_kib "$SH_PID" VmHWM)
 
 # ---- 10,000 idle keep-alive client connections
 python3 - "$VS" "$IDLE_CONNS" "$VS_PID" > "$work/idle.txt" <<'PY'
 import socket, sys, time
 port, n, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+# One request each, answered before the next connection opens (so the upstream pool stays
+# small and what is measured is the cost of idle client connections), then all kept open.
 socks = []
+ok = 0
 for i in range(n):
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
-    socks.append(s)
-ok = 0
-for s in socks:
     s.settimeout(10)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
     if s.recv(4096).startswith(b"HTTP/1.1 200"):
         ok += 1
+    socks.append(s)
 time.sleep(1)
 rss = [l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:")][0]
 print(ok, rss)
@@ -244,10 +300,10 @@ if command -v valgrind >/dev/null; then
 fi
 
 # ---- report
-python3 - "$results" "$ROUNDS" "$IDLE_RSS" "$LOAD_HWM" "$SHADOW_HWM" "$IDLE_OK" "$IDLE_CONN_RSS" "$IPR" "${NREQ:-0}" "$RATE" "$CONNS" "$DURATION" > "$work/report.md" <<'PY'
+python3 - "$results" "$ROUNDS" "$IDLE_RSS" "$LOAD_HWM" "$SHADOW_HWM" "$IDLE_OK" "$IDLE_CONN_RSS" "$IPR" "${NREQ:-0}" "$RATE" "$CONNS" "$DURATION" "${ISO_DROPPED:-0}" > "$work/report.md" <<'PY'
 import statistics, sys
 path, rounds = sys.argv[1], int(sys.argv[2])
-idle, load, shadow_hwm, idle_ok, idle_rss, ipr, nreq, rate, conns, dur = sys.argv[3:13]
+idle, load, shadow_hwm, idle_ok, idle_rss, ipr, nreq, rate, conns, dur, iso_dropped = sys.argv[3:14]
 rows = [l.split() for l in open(path)]
 data = {}
 for r, name, kind, rps, p50, p99, non2xx, sock in rows:
@@ -276,6 +332,14 @@ for n in ["direct", "vastshift", "nginx", "haproxy"]:
     add50 = statistics.median(data[("rate", n)][r][1] - data[("rate", "direct")][r][1] for r in keep)
     add99 = statistics.median(data[("rate", n)][r][2] - data[("rate", "direct")][r][2] for r in keep)
     out.append(f"| {n} | {med('rate', n, 0):,.0f} | {med('rate', n, 1):.3f} | {med('rate', n, 2):.3f} | {add50:.3f} | {add99:.3f} |")
+out.append("")
+iso = {n: med("isolation", n, 1) for n in ["shadow-off", "shadow-slow", "shadow-down"]}
+iso99 = {n: med("isolation", n, 2) for n in ["shadow-off", "shadow-slow", "shadow-down"]}
+out.append(f"Parallel run isolation at about {rate} requests/s: primary p50 shadow off {iso['shadow-off']:.3f} ms, "
+           f"mirror target taking 1.5 s {iso['shadow-slow']:.3f} ms ({iso['shadow-slow'] / iso['shadow-off']:.2f}x), "
+           f"mirror target down {iso['shadow-down']:.3f} ms ({iso['shadow-down'] / iso['shadow-off']:.2f}x); "
+           f"p99 {iso99['shadow-off']:.3f} / {iso99['shadow-slow']:.3f} / {iso99['shadow-down']:.3f} ms; "
+           f"mirrors dropped beyond max_in_flight with the slow target: {iso_dropped}")
 out.append("")
 out.append(f"- instructions per proxied request (callgrind, {nreq} requests after warm-up): **{ipr}**")
 mib = lambda k: f"{int(k) / 1024:.1f} MiB" if k.isdigit() else k

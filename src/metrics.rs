@@ -120,6 +120,8 @@ pub struct Metrics {
     rollbacks: IntCounterVec,
     reloads: IntCounterVec,
     shadow: IntCounterVec,
+    /// `shadow` resolved per result, in `ShadowResult` order.
+    shadow_counters: [IntCounter; 5],
     healthy: IntGaugeVec,
     in_flight: [IntGauge; 2],
 }
@@ -232,9 +234,7 @@ impl Metrics {
         for r in ["ok", "error"] {
             reloads.with_label_values(&[r]);
         }
-        for r in ShadowResult::ALL {
-            shadow.with_label_values(&[r.as_str()]);
-        }
+        let shadow_counters = ShadowResult::ALL.map(|r| shadow.with_label_values(&[r.as_str()]));
         for b in Backend::ALL {
             healthy.with_label_values(&[b.as_str()]).set(1);
         }
@@ -264,6 +264,7 @@ impl Metrics {
             rollbacks,
             reloads,
             shadow,
+            shadow_counters,
             healthy,
             in_flight,
         })
@@ -356,7 +357,7 @@ impl Metrics {
     }
 
     pub fn shadow(&self, result: ShadowResult) {
-        self.shadow.with_label_values(&[result.as_str()]).inc();
+        self.shadow_counters[result as usize].inc();
     }
 
     pub fn shadow_count(&self, result: ShadowResult) -> u64 {

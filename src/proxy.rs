@@ -220,12 +220,10 @@ impl Proxy {
             && upgrade.is_none()
             && (table.fallback || matches!(rt.upstreams.vastai, VastaiUpstream::Serverless(_)));
         let shadow_plan = self.shadow.plan(
-            &table,
-            route,
-            backend,
             &parts.method,
             &parts.headers,
             body.size_hint().exact(),
+            self.health.is_healthy(backend.other()),
         );
         let (body, replay) = if needs_copy {
             match body.size_hint().exact() {

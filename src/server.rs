@@ -152,7 +152,9 @@ async fn accept_loop(
         let service = service_fn(move |req| {
             let proxy = Arc::clone(&proxy);
             let client = Arc::clone(&client);
-            async move { Ok::<_, Infallible>(proxy.handle(client, req).await) }
+            // Boxed: hyper keeps the service future's slot for the connection's whole life, so an
+            // idle keep-alive connection would otherwise hold a request's full state machine.
+            async move { Ok::<_, Infallible>(Box::pin(proxy.handle(client, req)).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)

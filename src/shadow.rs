@@ -27,7 +27,7 @@ use crate::compare::{self, Answer, Difference, Ignore};
 use crate::config::{parse_methods, Percent, ShadowConfig};
 use crate::control::now_rfc3339;
 use crate::metrics::{Metrics, ShadowResult};
-use crate::routing::{Backend, RouteRef, RoutingTable};
+use crate::routing::Backend;
 use crate::upstream::headers::X_VASTSHIFT_SHADOW;
 use crate::upstream::{full, Body, BoxError, UpstreamError, Upstreams, VastaiUpstream};
 use crate::window::Windows;
@@ -169,14 +169,15 @@ impl Shadow {
     }
 
     /// Decides, before forwarding, whether this request is mirrored.
+    /// `target_healthy` is the health of the backend the mirror would go to: mirrors to a
+    /// backend known to be down are counted as errors without being sent, so a dead shadow
+    /// costs the proxy nothing.
     pub fn plan(
         &self,
-        _table: &RoutingTable,
-        _route: RouteRef,
-        _backend: Backend,
         method: &Method,
         headers: &HeaderMap,
         body_len: Option<u64>,
+        target_healthy: bool,
     ) -> ShadowPlan {
         let s = self.settings.load();
         if !s.enabled || crate::upstream::headers::upgrade_protocol(headers).is_some() {
@@ -187,6 +188,10 @@ impl Shadow {
         }
         if !s.methods.contains(method) || body_len.is_some_and(|n| n > s.max_body as u64) {
             self.metrics.shadow(ShadowResult::Skipped);
+            return ShadowPlan::Off;
+        }
+        if !target_healthy {
+            self.metrics.shadow(ShadowResult::Error);
             return ShadowPlan::Off;
         }
         let Ok(permit) = Arc::clone(&self.permits.load()).try_acquire_owned() else {
