@@ -138,8 +138,8 @@ impl HttpUpstream {
                 ),
             ));
         };
-        let pq = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
-        *req.uri_mut() = absolute_uri(&base, pq)?;
+        let pq = req.uri().path_and_query().cloned();
+        *req.uri_mut() = with_base(&base, pq)?;
         if !self.settings.preserve_host {
             req.headers_mut().remove(header::HOST);
         }
@@ -168,6 +168,23 @@ impl HttpUpstream {
                 ),
             )),
         }
+    }
+}
+
+/// The client's path and query on `base`. Without a path prefix the parsed target is reused
+/// as it is (no re-parsing on the request path).
+fn with_base(base: &BaseUrl, pq: Option<PathAndQuery>) -> Result<Uri, UpstreamError> {
+    match pq {
+        Some(pq) if base.path_prefix.is_empty() => {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(base.scheme.clone());
+            parts.authority = Some(base.authority.clone());
+            parts.path_and_query = Some(pq);
+            Uri::from_parts(parts).map_err(|_| {
+                UpstreamError::new(ErrorKind::Other, "request target cannot be forwarded")
+            })
+        }
+        pq => absolute_uri(base, pq.as_ref().map_or("/", PathAndQuery::as_str)),
     }
 }
 
@@ -365,6 +382,14 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_without_a_prefix_are_reused() {
+        let base = BaseUrl::parse("http://h:81").expect("valid");
+        let pq: PathAndQuery = "/a%20b?x=%2F".parse().expect("valid");
+        let uri = with_base(&base, Some(pq)).expect("valid");
+        assert_eq!(uri.to_string(), "http://h:81/a%20b?x=%2F");
+    }
 
     #[test]
     fn absolute_uri_keeps_prefix_path_and_query() {
