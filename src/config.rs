@@ -154,6 +154,8 @@ pub struct BaseUrl {
     pub authority: Authority,
     /// Prepended to every forwarded path; empty or starting with `/`, never ending with `/`.
     pub path_prefix: String,
+    /// `Host` for requests to this upstream (the authority), built once rather than per request.
+    pub host: http::HeaderValue,
 }
 
 impl BaseUrl {
@@ -177,10 +179,17 @@ impl BaseUrl {
             return Err("URL must not have a query".into());
         }
         let path_prefix = uri.path().trim_end_matches('/').to_string();
+        BaseUrl::new(scheme, authority, path_prefix)
+    }
+
+    pub fn new(scheme: Scheme, authority: Authority, path_prefix: String) -> Result<BaseUrl, String> {
+        let host = http::HeaderValue::from_str(authority.as_str())
+            .map_err(|_| format!("host {authority} cannot be sent in a Host header"))?;
         Ok(BaseUrl {
             scheme,
             authority,
             path_prefix,
+            host,
         })
     }
 

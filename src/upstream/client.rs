@@ -141,7 +141,9 @@ impl HttpUpstream {
         let pq = req.uri().path_and_query().cloned();
         *req.uri_mut() = with_base(&base, pq)?;
         if !self.settings.preserve_host {
-            req.headers_mut().remove(header::HOST);
+            // Set here, from the value built with the base URL: left empty, the pooled client
+            // would format one on every request.
+            req.headers_mut().insert(header::HOST, base.host.clone());
         }
         if let Some(auth) = &self.auth {
             req.headers_mut()

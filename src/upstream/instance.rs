@@ -183,12 +183,11 @@ pub fn parse_instance(body: &Value, port: u16, scheme: Scheme) -> Resolved {
     if ip.is_empty() || host_port.is_empty() {
         return Resolved::NotRunning(format!("running but no public mapping for {port}/tcp yet"));
     }
-    match Authority::try_from(format!("{ip}:{host_port}").as_str()) {
-        Ok(authority) => Resolved::Running(BaseUrl {
-            scheme,
-            authority,
-            path_prefix: String::new(),
-        }),
+    match Authority::try_from(format!("{ip}:{host_port}").as_str())
+        .map_err(|e| e.to_string())
+        .and_then(|authority| BaseUrl::new(scheme, authority, String::new()))
+    {
+        Ok(base) => Resolved::Running(base),
         Err(_) => Resolved::NotRunning(format!("invalid address {ip}:{host_port}")),
     }
 }
