@@ -21,6 +21,7 @@ SERVER_CPU=${SERVER_CPU:-1}
 RATE=${RATE:-5000}                 # the fixed moderate rate for added latency, requests/s
 IDLE_CONNS=${IDLE_CONNS:-10000}
 CALLGRIND_SECS=${CALLGRIND_SECS:-10}
+ISO_ROUNDS=${ISO_ROUNDS:-$((ROUNDS * 2))}   # parallel-run isolation rounds (first discarded)
 
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
@@ -244,8 +245,11 @@ for p in $I1 $I2 $I3; do wait_port "$p"; done
 iso_names=(shadow-off shadow-slow shadow-down)
 iso_ports=($I1 $I2 $I3)
 for i in 0 1 2; do run_wrk warm "${iso_ports[$i]}" 2 "$work/rate.lua" >/dev/null; done
-for r in $(seq 1 "$ROUNDS"); do
-  for i in 0 1 2; do
+# The order rotates every round (off/slow/down, slow/down/off, ...) so that neither a position
+# in the round nor a slow drift of the machine favours one case; ratios are taken within a round.
+for r in $(seq 1 "$ISO_ROUNDS"); do
+  for j in 0 1 2; do
+    i=$(( (j + r) % 3 ))
     line=$(run_wrk "${iso_names[$i]}" "${iso_ports[$i]}" "$DURATION" "$work/rate.lua")
     echo "$r ${iso_names[$i]} isolation $line" >> "$results"
     echo "round $r ${iso_names[$i]} at ~$RATE/s: $line" >&2
@@ -295,15 +299,14 @@ if command -v valgrind >/dev/null; then
     IPR=$(( total_ir / (after - before) ))
     NREQ=$(( after - before ))
   fi
-  callgrind_annotate --inclusive=no "$(ls -t "$work"/callgrind.out* | head -1)" 2>/dev/null | head -40 > "$work/profile.txt" || true
   kill "$CG_PID" 2>/dev/null || true
 fi
 
 # ---- report
-python3 - "$results" "$ROUNDS" "$IDLE_RSS" "$LOAD_HWM" "$SHADOW_HWM" "$IDLE_OK" "$IDLE_CONN_RSS" "$IPR" "${NREQ:-0}" "$RATE" "$CONNS" "$DURATION" "${ISO_DROPPED:-0}" > "$work/report.md" <<'PY'
+python3 - "$results" "$ROUNDS" "$IDLE_RSS" "$LOAD_HWM" "$SHADOW_HWM" "$IDLE_OK" "$IDLE_CONN_RSS" "$IPR" "${NREQ:-0}" "$RATE" "$CONNS" "$DURATION" "${ISO_DROPPED:-0}" "$ISO_ROUNDS" > "$work/report.md" <<'PY'
 import statistics, sys
 path, rounds = sys.argv[1], int(sys.argv[2])
-idle, load, shadow_hwm, idle_ok, idle_rss, ipr, nreq, rate, conns, dur, iso_dropped = sys.argv[3:14]
+idle, load, shadow_hwm, idle_ok, idle_rss, ipr, nreq, rate, conns, dur, iso_dropped, iso_rounds = sys.argv[3:15]
 rows = [l.split() for l in open(path)]
 data = {}
 for r, name, kind, rps, p50, p99, non2xx, sock in rows:
@@ -333,13 +336,19 @@ for n in ["direct", "vastshift", "nginx", "haproxy"]:
     add99 = statistics.median(data[("rate", n)][r][2] - data[("rate", "direct")][r][2] for r in keep)
     out.append(f"| {n} | {med('rate', n, 0):,.0f} | {med('rate', n, 1):.3f} | {med('rate', n, 2):.3f} | {add50:.3f} | {add99:.3f} |")
 out.append("")
-iso = {n: med("isolation", n, 1) for n in ["shadow-off", "shadow-slow", "shadow-down"]}
-iso99 = {n: med("isolation", n, 2) for n in ["shadow-off", "shadow-slow", "shadow-down"]}
-out.append(f"Parallel run isolation at about {rate} requests/s: primary p50 shadow off {iso['shadow-off']:.3f} ms, "
-           f"mirror target taking 1.5 s {iso['shadow-slow']:.3f} ms ({iso['shadow-slow'] / iso['shadow-off']:.2f}x), "
-           f"mirror target down {iso['shadow-down']:.3f} ms ({iso['shadow-down'] / iso['shadow-off']:.2f}x); "
-           f"p99 {iso99['shadow-off']:.3f} / {iso99['shadow-slow']:.3f} / {iso99['shadow-down']:.3f} ms; "
-           f"mirrors dropped beyond max_in_flight with the slow target: {iso_dropped}")
+iso_keep = [r for r in range(2, int(iso_rounds) + 1)] or [1]
+def iso_med(name, i):
+    return statistics.median(data[("isolation", name)][r][i] for r in iso_keep)
+def iso_ratio(name, i):
+    return statistics.median(data[("isolation", name)][r][i] / data[("isolation", "shadow-off")][r][i] for r in iso_keep)
+out.append(f"Parallel run isolation at about {rate} requests/s ({len(iso_keep)} rounds kept, order rotated, "
+           "ratios within a round): primary latency with a mirror target that takes 1.5 s or is down, against shadow off\n")
+out.append("| case | p50 ms | p99 ms | p50 / shadow off | p99 / shadow off |")
+out.append("|---|---|---|---|---|")
+for n, label in [("shadow-off", "shadow off"), ("shadow-slow", "mirror target takes 1.5 s"), ("shadow-down", "mirror target down")]:
+    out.append(f"| {label} | {iso_med(n, 1):.3f} | {iso_med(n, 2):.3f} | {iso_ratio(n, 1):.2f}x | {iso_ratio(n, 2):.2f}x |")
+out.append("")
+out.append(f"mirrors dropped beyond max_in_flight with the slow target: {iso_dropped}")
 out.append("")
 out.append(f"- instructions per proxied request (callgrind, {nreq} requests after warm-up): **{ipr}**")
 mib = lambda k: f"{int(k) / 1024:.1f} MiB" if k.isdigit() else k
@@ -355,10 +364,4 @@ mkdir -p benches/results
   echo "versions: $("$BIN" --version), $(nginx -v 2>&1), $(haproxy -v | head -1), $(wrk -v 2>&1 | head -1), $(rustc --version)"
   echo
   cat "$work/report.md"
-  if [ -s "$work/profile.txt" ]; then
-    echo
-    echo '```'
-    cat "$work/profile.txt"
-    echo '```'
-  fi
 } | tee benches/results/latest.md

@@ -182,7 +182,11 @@ impl BaseUrl {
         BaseUrl::new(scheme, authority, path_prefix)
     }
 
-    pub fn new(scheme: Scheme, authority: Authority, path_prefix: String) -> Result<BaseUrl, String> {
+    pub fn new(
+        scheme: Scheme,
+        authority: Authority,
+        path_prefix: String,
+    ) -> Result<BaseUrl, String> {
         let host = http::HeaderValue::from_str(authority.as_str())
             .map_err(|_| format!("host {authority} cannot be sent in a Host header"))?;
         Ok(BaseUrl {

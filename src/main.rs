@@ -39,8 +39,8 @@ enum Command {
         /// Config file [default: $VASTSHIFT_CONFIG, else config/vastshift.toml]
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Worker threads [default: one per available core]
-        #[arg(long)]
+        /// Worker threads, at least 1 [default: one per available core]
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
         worker_threads: Option<usize>,
     },
     /// Start a demo legacy backend, a demo Vast.ai backend and the proxy in one process.

@@ -504,3 +504,17 @@ async fn a_mirrored_upload_still_streams() {
     );
     assert!(on < 64 * 1024 * 1024, "{on}");
 }
+
+#[test]
+fn serve_refuses_zero_worker_threads() {
+    for bad in ["0", "-1", "many"] {
+        let out = Command::new(BIN)
+            .arg("serve")
+            .arg(format!("--worker-threads={bad}"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("--worker-threads"), "{bad}: {stderr}");
+    }
+}
