@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, StatusCode};
+use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
@@ -194,7 +195,14 @@ async fn probe_once(upstream: &HttpUpstream, timeout: Duration) -> bool {
         return false;
     };
     match tokio::time::timeout(timeout, upstream.send(req)).await {
-        Ok(Ok(resp)) => resp.status() < StatusCode::INTERNAL_SERVER_ERROR,
+        Ok(Ok(resp)) => {
+            let healthy = resp.status() < StatusCode::INTERNAL_SERVER_ERROR;
+            // Read a small answer to its end so that its connection goes back to the pool:
+            // otherwise every probe would open a connection (and a TLS session) of its own.
+            let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024);
+            let _ = tokio::time::timeout(timeout, body.collect()).await;
+            healthy
+        }
         _ => false,
     }
 }

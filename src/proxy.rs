@@ -31,7 +31,7 @@ use crate::upstream::headers::{
     X_VASTSHIFT_BACKEND,
 };
 use crate::upstream::{
-    full, Body, BoxError, HttpUpstream, UpstreamError, Upstreams, VastaiUpstream,
+    full, Body, BoxError, HttpUpstream, UpstreamBody, UpstreamError, Upstreams, VastaiUpstream,
 };
 use crate::window::Windows;
 
@@ -329,7 +329,7 @@ impl Proxy {
         out: Option<&Outgoing>,
         replay: Option<Bytes>,
         route_name: &str,
-    ) -> (Backend, Result<Response<Incoming>, UpstreamError>) {
+    ) -> (Backend, Result<Response<UpstreamBody>, UpstreamError>) {
         self.metrics.fallback(route_name);
         let Some(out) = out else {
             // Unreachable: a replay copy always comes with its request.
@@ -352,7 +352,7 @@ impl Proxy {
         backend: Backend,
         req: Request<Body>,
         replay: Option<&Bytes>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match (backend, &rt.upstreams.vastai) {
             (Backend::Legacy, _) => self.send_http(&rt.upstreams.legacy, req).await,
             (Backend::Vastai, VastaiUpstream::Http(up)) => self.send_http(up, req).await,
@@ -375,7 +375,7 @@ impl Proxy {
         &self,
         up: &HttpUpstream,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let res = up.send(req).await;
         match &res {
             Ok(_) => self.health.success(up.backend),
@@ -413,7 +413,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
-        resp: Response<Incoming>,
+        resp: Response<UpstreamBody>,
         backend: Backend,
         route: Route<'_>,
         id: &HeaderValue,

@@ -13,12 +13,12 @@ use arc_swap::ArcSwapOption;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::pool::{ConnPool, PoolError, UpstreamBody, POOL_IDLE};
 use super::serverless::Serverless;
 use super::tls::{client_config, TlsError};
 use super::{Body, UpstreamError};
@@ -29,16 +29,14 @@ use crate::routing::Backend;
 /// Environment variables the process was started with; secrets are read from here by name.
 pub type Env = Arc<HashMap<String, String>>;
 
-/// Idle upstream connections are closed after this long: shorter than the keep-alive of common
-/// servers (Node.js and Apache 5 s, nginx 75 s) so a pooled connection is never reused just as
-/// the upstream closes it.
-const POOL_IDLE: Duration = Duration::from_secs(4);
-
-/// The pooled client type shared by every upstream.
+/// The pooled client type used for Vast.ai Serverless routing and worker calls.
 pub type PooledClient = Client<HttpsConnector<HttpConnector>, Body>;
 
-/// Builds a pooled client; `tls` is needed only for https upstreams.
-pub fn pooled_client(connect_timeout: Duration, tls: Option<rustls::ClientConfig>) -> PooledClient {
+/// A TCP + optional TLS connector; `tls` is needed only for https upstreams.
+pub fn connector(
+    connect_timeout: Duration,
+    tls: Option<rustls::ClientConfig>,
+) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
@@ -59,22 +57,26 @@ pub fn pooled_client(connect_timeout: Duration, tls: Option<rustls::ClientConfig
                 .with_no_client_auth()
         })
     });
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(http)
+}
+
+/// hyper-util's pooled client (Serverless calls); idle connections close after [`POOL_IDLE`].
+pub fn pooled_client(connect_timeout: Duration, tls: Option<rustls::ClientConfig>) -> PooledClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(https)
+        .build(connector(connect_timeout, tls))
 }
 
 /// One backend reached over HTTP(S).
 pub struct HttpUpstream {
     pub backend: Backend,
-    client: PooledClient,
+    pool: ConnPool,
     base: ArcSwapOption<BaseUrl>,
     pub settings: UpstreamSettings,
     /// `Authorization: Bearer <key>` for vastai when `api_key_env` is set; marked sensitive.
@@ -110,7 +112,7 @@ impl HttpUpstream {
         });
         Ok(HttpUpstream {
             backend,
-            client: pooled_client(settings.connect_timeout, tls),
+            pool: ConnPool::new(connector(settings.connect_timeout, tls)),
             base: ArcSwapOption::new(base.map(Arc::new)),
             settings,
             auth,
@@ -128,7 +130,10 @@ impl HttpUpstream {
 
     /// Sends a request whose URI is origin-form (path and query) to this upstream, waiting at
     /// most `settings.timeout` for the response headers.
-    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(
+        &self,
+        mut req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let Some(base) = self.base() else {
             return Err(UpstreamError::new(
                 ErrorKind::Connect,
@@ -157,10 +162,10 @@ impl HttpUpstream {
         &self,
         req: Request<Body>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        match tokio::time::timeout(timeout, self.pool.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(self.backend, &e)),
+            Ok(Err(e)) => Err(classify_pool(self.backend, &e)),
             Err(_) => Err(UpstreamError::new(
                 ErrorKind::Timeout,
                 format!(
@@ -225,19 +230,42 @@ fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     None
 }
 
-/// Maps a client error onto the `kind` label, without leaking internals.
-fn classify(backend: Backend, e: &hyper_util::client::legacy::Error) -> UpstreamError {
-    let name = backend.as_str();
-    if e.is_connect() {
-        return match tls_failure(e) {
-            Some(why) => UpstreamError::new(
-                ErrorKind::Connect,
-                format!("TLS handshake with {name} failed: {why}"),
-            ),
-            None => UpstreamError::new(ErrorKind::Connect, format!("cannot connect to {name}")),
-        };
+/// Maps a pool error onto the `kind` label, without leaking internals.
+fn classify_pool(backend: Backend, e: &PoolError) -> UpstreamError {
+    match e {
+        PoolError::Connect(e) => connect_error(backend, e.as_ref()),
+        PoolError::Send(e) => send_error(backend, Some(e)),
+        PoolError::BadUri => {
+            UpstreamError::new(ErrorKind::Other, "request target cannot be forwarded")
+        }
     }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+}
+
+/// Maps a hyper-util client error onto the `kind` label, without leaking internals.
+pub fn classify(backend: Backend, e: &hyper_util::client::legacy::Error) -> UpstreamError {
+    if e.is_connect() {
+        return connect_error(backend, e);
+    }
+    send_error(backend, std::error::Error::source(e))
+}
+
+fn connect_error(backend: Backend, e: &(dyn std::error::Error + 'static)) -> UpstreamError {
+    let name = backend.as_str();
+    match tls_failure(e) {
+        Some(why) => UpstreamError::new(
+            ErrorKind::Connect,
+            format!("TLS handshake with {name} failed: {why}"),
+        ),
+        None => UpstreamError::new(ErrorKind::Connect, format!("cannot connect to {name}")),
+    }
+}
+
+/// Classifies a failure after connecting, from the first error in the chain that says why.
+fn send_error(
+    backend: Backend,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> UpstreamError {
+    let name = backend.as_str();
     while let Some(s) = source {
         if let Some(h) = s.downcast_ref::<hyper::Error>() {
             if h.is_incomplete_message() || h.is_canceled() {

@@ -3,6 +3,7 @@
 //! - [`headers`]: hop-by-hop removal and the proxy headers.
 //! - [`tls`]: rustls client configs (system roots, an extra CA, the insecure escape hatch).
 //! - [`client`]: [`HttpUpstream`], a pooled HTTP/1.1 client bound to one base URL.
+//! - [`pool`]: the keep-alive connection pool behind it, and [`UpstreamBody`].
 //! - [`instance`] and [`serverless`]: the Vast.ai `instance` and `serverless` modes.
 //!
 //! Nothing here knows about percentages or routing.
@@ -10,6 +11,7 @@
 pub mod client;
 pub mod headers;
 pub mod instance;
+pub mod pool;
 pub mod serverless;
 pub mod tls;
 
@@ -17,6 +19,7 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 
 pub use client::{HttpUpstream, Upstreams, VastaiUpstream};
+pub use pool::UpstreamBody;
 
 use crate::metrics::ErrorKind;
 

@@ -11,11 +11,11 @@
 
 use std::time::Duration;
 
+use super::UpstreamBody;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -70,7 +70,7 @@ impl Serverless {
         uri: &Uri,
         headers: &HeaderMap,
         payload: Bytes,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let client_json: Value = serde_json::from_slice(&payload).map_err(|_| {
             unavailable(
                 ErrorKind::Other,
@@ -215,7 +215,7 @@ impl Serverless {
         url: &str,
         headers: &HeaderMap,
         body: String,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let uri: Uri = url.parse().map_err(|_| {
             unavailable(
                 ErrorKind::Other,
@@ -239,7 +239,7 @@ impl Serverless {
             HeaderValue::from_static("application/json"),
         );
         match tokio::time::timeout(self.settings.timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => Ok(resp.map(UpstreamBody::from)),
             Ok(Err(e)) if e.is_connect() => Err(UpstreamError::new(
                 ErrorKind::Connect,
                 "cannot connect to the serverless worker",

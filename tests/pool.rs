@@ -1,0 +1,209 @@
+//! The upstream connection pool, seen from a raw HTTP/1.1 backend that counts its connections:
+//! keep-alive reuse, empty bodies, `Connection: close`, an upstream that drops idle
+//! connections, and no connection storm under concurrency.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{client, config, Vastshift};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// How the raw backend treats a connection after each answer.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Keep it open.
+    KeepAlive,
+    /// Answer with `Connection: close` and close.
+    Close,
+    /// Keep-alive in the headers, but close the connection shortly after each answer, the
+    /// way a backend with a short keep-alive timeout does.
+    DropIdle,
+}
+
+struct RawBackend {
+    url: String,
+    accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn raw_backend(mode: Mode) -> RawBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (a, r) = (Arc::clone(&accepted), Arc::clone(&requests));
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            a.fetch_add(1, Ordering::SeqCst);
+            let r = Arc::clone(&r);
+            conns.spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One request head (the tests send no request bodies).
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end);
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let answer: &[u8] = if head.starts_with("HEAD ") {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+                    } else if head.contains("/empty") {
+                        b"HTTP/1.1 204 No Content\r\n\r\n"
+                    } else if matches!(mode, Mode::Close) {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                    };
+                    if sock.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    match mode {
+                        Mode::KeepAlive => {}
+                        Mode::Close => return,
+                        Mode::DropIdle => {
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    RawBackend {
+        url,
+        accepted,
+        requests,
+        task,
+    }
+}
+
+async fn start(legacy: &RawBackend) -> Vastshift {
+    // vastai is never chosen at 0 %; a closed port keeps it out of the way.
+    let text = config(&legacy.url, "http://127.0.0.1:9", "[split]\npercent = 0\n");
+    Vastshift::start(&text).await
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_connection_including_empty_bodies() {
+    let legacy = raw_backend(Mode::KeepAlive).await;
+    let vs = start(&legacy).await;
+    let c = client();
+    let before = legacy.accepted.load(Ordering::SeqCst);
+    for i in 0..30 {
+        let (path, method) = match i % 3 {
+            0 => ("/a", reqwest::Method::GET),
+            1 => ("/empty", reqwest::Method::GET),
+            _ => ("/h", reqwest::Method::HEAD),
+        };
+        let r = c.request(method, vs.url(path)).send().await.unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.bytes().await.unwrap();
+    }
+    let opened = legacy.accepted.load(Ordering::SeqCst) - before;
+    assert!(
+        opened <= 2,
+        "30 sequential requests (GET, 204, HEAD) opened {opened} upstream connections"
+    );
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn connection_close_answers_are_not_reused() {
+    let legacy = raw_backend(Mode::Close).await;
+    let vs = start(&legacy).await;
+    let c = client();
+    for _ in 0..10 {
+        let r = c.get(vs.url("/a")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    assert!(legacy.accepted.load(Ordering::SeqCst) >= 10);
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn connections_the_upstream_dropped_are_never_used() {
+    let legacy = raw_backend(Mode::DropIdle).await;
+    let vs = start(&legacy).await;
+    let c = client();
+    for i in 0..15 {
+        let r = c.get(vs.url("/a")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), "ok");
+        // Long enough for the backend to have dropped the connection.
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn concurrency_opens_no_more_connections_than_requests_in_flight() {
+    let legacy = raw_backend(Mode::KeepAlive).await;
+    let vs = start(&legacy).await;
+    let before = legacy.accepted.load(Ordering::SeqCst);
+    let workers = 16;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let url = vs.url("/a");
+        tasks.spawn(async move {
+            let c = client();
+            for _ in 0..25 {
+                let r = c.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                assert_eq!(r.text().await.unwrap(), "ok");
+            }
+        });
+    }
+    while let Some(t) = tasks.join_next().await {
+        t.unwrap();
+    }
+    let opened = legacy.accepted.load(Ordering::SeqCst) - before;
+    let served = legacy.requests.load(Ordering::SeqCst);
+    assert!(served >= workers * 25, "backend saw {served} requests");
+    assert!(
+        opened <= workers + 2,
+        "{workers} concurrent clients opened {opened} upstream connections"
+    );
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn health_probes_reuse_their_connection() {
+    let legacy = raw_backend(Mode::KeepAlive).await;
+    let text = config(&legacy.url, "http://127.0.0.1:9", "[split]\npercent = 0\n")
+        .replace("[legacy]\n", "[legacy]\nhealth_interval_ms = 100\n");
+    let vs = Vastshift::start(&text).await;
+    let probed = common::eventually(5.0, || {
+        let n = legacy.requests.load(Ordering::SeqCst);
+        async move { n >= 10 }
+    })
+    .await;
+    assert!(probed, "the backend saw fewer than 10 probes");
+    let opened = legacy.accepted.load(Ordering::SeqCst);
+    assert!(opened <= 2, "10 probes opened {opened} connections");
+    vs.stop().await;
+}
