@@ -29,6 +29,8 @@ struct RawBackend {
     url: String,
     accepted: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    /// Connections that ended (the peer closed them, or the backend did).
+    closed: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -43,7 +45,12 @@ async fn raw_backend(mode: Mode) -> RawBackend {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let accepted = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
-    let (a, r) = (Arc::clone(&accepted), Arc::clone(&requests));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (a, r, cl) = (
+        Arc::clone(&accepted),
+        Arc::clone(&requests),
+        Arc::clone(&closed),
+    );
     let task = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         loop {
@@ -52,44 +59,10 @@ async fn raw_backend(mode: Mode) -> RawBackend {
             };
             a.fetch_add(1, Ordering::SeqCst);
             let r = Arc::clone(&r);
+            let cl = Arc::clone(&cl);
             conns.spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    // One request head (the tests send no request bodies).
-                    let end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match sock.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    buf.drain(..end);
-                    r.fetch_add(1, Ordering::SeqCst);
-                    let answer: &[u8] = if head.starts_with("HEAD ") {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
-                    } else if head.contains("/empty") {
-                        b"HTTP/1.1 204 No Content\r\n\r\n"
-                    } else if matches!(mode, Mode::Close) {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
-                    } else {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                    };
-                    if sock.write_all(answer).await.is_err() {
-                        return;
-                    }
-                    match mode {
-                        Mode::KeepAlive => {}
-                        Mode::Close => return,
-                        Mode::DropIdle => {
-                            tokio::time::sleep(Duration::from_millis(30)).await;
-                            return;
-                        }
-                    }
-                }
+                serve_conn(&mut sock, &r, mode).await;
+                cl.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
@@ -97,7 +70,48 @@ async fn raw_backend(mode: Mode) -> RawBackend {
         url,
         accepted,
         requests,
+        closed,
         task,
+    }
+}
+
+async fn serve_conn(sock: &mut tokio::net::TcpStream, r: &AtomicUsize, mode: Mode) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        // One request head (the tests send no request bodies).
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        buf.drain(..end);
+        r.fetch_add(1, Ordering::SeqCst);
+        let answer: &[u8] = if head.starts_with("HEAD ") {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+        } else if head.contains("/empty") {
+            b"HTTP/1.1 204 No Content\r\n\r\n"
+        } else if matches!(mode, Mode::Close) {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        };
+        if sock.write_all(answer).await.is_err() {
+            return;
+        }
+        match mode {
+            Mode::KeepAlive => {}
+            Mode::Close => return,
+            Mode::DropIdle => {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                return;
+            }
+        }
     }
 }
 
@@ -151,11 +165,12 @@ async fn connections_the_upstream_dropped_are_never_used() {
     let vs = start(&legacy).await;
     let c = client();
     for i in 0..15 {
+        // Long enough for the backend to have dropped the previous connection (the start-up
+        // health probe's, then each request's).
+        tokio::time::sleep(Duration::from_millis(80)).await;
         let r = c.get(vs.url("/a")).send().await.unwrap();
         assert_eq!(r.status(), 200, "request {i}");
         assert_eq!(r.text().await.unwrap(), "ok");
-        // Long enough for the backend to have dropped the connection.
-        tokio::time::sleep(Duration::from_millis(80)).await;
     }
     vs.stop().await;
 }
@@ -206,4 +221,52 @@ async fn health_probes_reuse_their_connection() {
     let opened = legacy.accepted.load(Ordering::SeqCst);
     assert!(opened <= 2, "10 probes opened {opened} connections");
     vs.stop().await;
+}
+
+/// The pool on its own, on a paused clock: an idle connection is reused within 4 s and closed
+/// (the backend sees it end) once it has been idle longer, even with no request to notice it.
+#[tokio::test(start_paused = true)]
+async fn idle_upstream_connections_are_reused_within_4_s_and_closed_after() {
+    use http_body_util::BodyExt;
+    use vastshift::upstream::client::connector;
+    use vastshift::upstream::pool::ConnPool;
+
+    let backend = raw_backend(Mode::KeepAlive).await;
+    let pool = ConnPool::new(connector(Duration::from_secs(600), None));
+    let get = |pool: ConnPool, url: String| async move {
+        let req = http::Request::get(format!("{url}/a"))
+            .body(vastshift::upstream::empty())
+            .unwrap();
+        let resp = pool
+            .request(req)
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap().to_bytes()
+    };
+    assert_eq!(get(pool.clone(), backend.url.clone()).await, "ok");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(get(pool.clone(), backend.url.clone()).await, "ok");
+    assert_eq!(
+        backend.accepted.load(Ordering::SeqCst),
+        1,
+        "reused within 4 s"
+    );
+    assert_eq!(backend.closed.load(Ordering::SeqCst), 0);
+
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for _ in 0..100 {
+        if backend.closed.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        backend.closed.load(Ordering::SeqCst),
+        1,
+        "the idle connection was not closed"
+    );
+    assert_eq!(get(pool.clone(), backend.url.clone()).await, "ok");
+    assert_eq!(backend.accepted.load(Ordering::SeqCst), 2);
 }
