@@ -233,21 +233,22 @@ async fn idle_upstream_connections_are_reused_within_4_s_and_closed_after() {
 
     let backend = raw_backend(Mode::KeepAlive).await;
     let pool = ConnPool::new(connector(Duration::from_secs(600), None));
-    let get = |pool: ConnPool, url: String| async move {
-        let req = http::Request::get(format!("{url}/a"))
+    let base = Arc::new(vastshift::config::BaseUrl::parse(&backend.url).unwrap());
+    let get = |pool: ConnPool, base: Arc<vastshift::config::BaseUrl>| async move {
+        let req = http::Request::get("/a")
             .body(vastshift::upstream::empty())
             .unwrap();
         let resp = pool
-            .request(req)
+            .request(&base, req)
             .await
             .map_err(|e| format!("{e:?}"))
             .unwrap();
         assert_eq!(resp.status(), 200);
         resp.into_body().collect().await.unwrap().to_bytes()
     };
-    assert_eq!(get(pool.clone(), backend.url.clone()).await, "ok");
+    assert_eq!(get(pool.clone(), Arc::clone(&base)).await, "ok");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(get(pool.clone(), backend.url.clone()).await, "ok");
+    assert_eq!(get(pool.clone(), Arc::clone(&base)).await, "ok");
     assert_eq!(
         backend.accepted.load(Ordering::SeqCst),
         1,
@@ -267,6 +268,6 @@ async fn idle_upstream_connections_are_reused_within_4_s_and_closed_after() {
         1,
         "the idle connection was not closed"
     );
-    assert_eq!(get(pool.clone(), backend.url.clone()).await, "ok");
+    assert_eq!(get(pool.clone(), Arc::clone(&base)).await, "ok");
     assert_eq!(backend.accepted.load(Ordering::SeqCst), 2);
 }

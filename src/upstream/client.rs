@@ -144,28 +144,19 @@ impl HttpUpstream {
             ));
         };
         let pq = req.uri().path_and_query().cloned();
-        *req.uri_mut() = with_base(&base, pq)?;
+        *req.uri_mut() = origin_target(&base, pq)?;
         if !self.settings.preserve_host {
-            // Set here, from the value built with the base URL: left empty, the pooled client
-            // would format one on every request.
+            // Set here, from the value built with the base URL, rather than per request.
             req.headers_mut().insert(header::HOST, base.host.clone());
         }
         if let Some(auth) = &self.auth {
             req.headers_mut()
                 .insert(header::AUTHORIZATION, auth.clone());
         }
-        self.send_absolute(req, self.settings.timeout).await
-    }
-
-    /// Sends a request whose URI is already absolute.
-    pub async fn send_absolute(
-        &self,
-        req: Request<Body>,
-        timeout: Duration,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        match tokio::time::timeout(timeout, self.pool.request(req)).await {
+        let timeout = self.settings.timeout;
+        match tokio::time::timeout(timeout, self.pool.request(&base, req)).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify_pool(self.backend, &e)),
+            Ok(Err(e)) => Err(classify(self.backend, &e)),
             Err(_) => Err(UpstreamError::new(
                 ErrorKind::Timeout,
                 format!(
@@ -178,33 +169,16 @@ impl HttpUpstream {
     }
 }
 
-/// The client's path and query on `base`. Without a path prefix the parsed target is reused
-/// as it is (no re-parsing on the request path).
-fn with_base(base: &BaseUrl, pq: Option<PathAndQuery>) -> Result<Uri, UpstreamError> {
-    match pq {
-        Some(pq) if base.path_prefix.is_empty() => {
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(base.scheme.clone());
-            parts.authority = Some(base.authority.clone());
-            parts.path_and_query = Some(pq);
-            Uri::from_parts(parts).map_err(|_| {
-                UpstreamError::new(ErrorKind::Other, "request target cannot be forwarded")
-            })
-        }
-        pq => absolute_uri(base, pq.as_ref().map_or("/", PathAndQuery::as_str)),
+/// The upstream's path prefix + the client's path and query, byte for byte, in origin form.
+/// Without a prefix the client's parsed target is reused as it is.
+fn origin_target(base: &BaseUrl, pq: Option<PathAndQuery>) -> Result<Uri, UpstreamError> {
+    let pq = pq.unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if base.path_prefix.is_empty() {
+        return Ok(Uri::from(pq));
     }
-}
-
-/// `base` + the upstream's path prefix + the client's path and query, byte for byte.
-pub fn absolute_uri(base: &BaseUrl, pq: &str) -> Result<Uri, UpstreamError> {
-    let mut s = String::with_capacity(
-        base.authority.as_str().len() + base.path_prefix.len() + pq.len() + 8,
-    );
-    s.push_str(base.scheme.as_str());
-    s.push_str("://");
-    s.push_str(base.authority.as_str());
+    let mut s = String::with_capacity(base.path_prefix.len() + pq.as_str().len());
     s.push_str(&base.path_prefix);
-    s.push_str(pq);
+    s.push_str(pq.as_str());
     Uri::try_from(s)
         .map_err(|_| UpstreamError::new(ErrorKind::Other, "request target cannot be forwarded"))
 }
@@ -231,22 +205,11 @@ fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
 }
 
 /// Maps a pool error onto the `kind` label, without leaking internals.
-fn classify_pool(backend: Backend, e: &PoolError) -> UpstreamError {
+fn classify(backend: Backend, e: &PoolError) -> UpstreamError {
     match e {
         PoolError::Connect(e) => connect_error(backend, e.as_ref()),
-        PoolError::Send(e) => send_error(backend, Some(e)),
-        PoolError::BadUri => {
-            UpstreamError::new(ErrorKind::Other, "request target cannot be forwarded")
-        }
+        PoolError::Send(e) => send_error(backend, e),
     }
-}
-
-/// Maps a hyper-util client error onto the `kind` label, without leaking internals.
-pub fn classify(backend: Backend, e: &hyper_util::client::legacy::Error) -> UpstreamError {
-    if e.is_connect() {
-        return connect_error(backend, e);
-    }
-    send_error(backend, std::error::Error::source(e))
 }
 
 fn connect_error(backend: Backend, e: &(dyn std::error::Error + 'static)) -> UpstreamError {
@@ -261,11 +224,9 @@ fn connect_error(backend: Backend, e: &(dyn std::error::Error + 'static)) -> Ups
 }
 
 /// Classifies a failure after connecting, from the first error in the chain that says why.
-fn send_error(
-    backend: Backend,
-    mut source: Option<&(dyn std::error::Error + 'static)>,
-) -> UpstreamError {
+fn send_error(backend: Backend, e: &hyper::Error) -> UpstreamError {
     let name = backend.as_str();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if let Some(h) = s.downcast_ref::<hyper::Error>() {
             if h.is_incomplete_message() || h.is_canceled() {
@@ -417,14 +378,15 @@ mod tests {
     fn targets_without_a_prefix_are_reused() {
         let base = BaseUrl::parse("http://h:81").expect("valid");
         let pq: PathAndQuery = "/a%20b?x=%2F".parse().expect("valid");
-        let uri = with_base(&base, Some(pq)).expect("valid");
-        assert_eq!(uri.to_string(), "http://h:81/a%20b?x=%2F");
+        let uri = origin_target(&base, Some(pq)).expect("valid");
+        assert_eq!(uri.to_string(), "/a%20b?x=%2F");
     }
 
     #[test]
-    fn absolute_uri_keeps_prefix_path_and_query() {
+    fn origin_target_keeps_prefix_path_and_query() {
         let base = BaseUrl::parse("http://h:81/v1").expect("valid");
-        let uri = absolute_uri(&base, "/a%20b/c?x=1&y=%2F").expect("valid");
-        assert_eq!(uri.to_string(), "http://h:81/v1/a%20b/c?x=1&y=%2F");
+        let pq: PathAndQuery = "/a%20b/c?x=1&y=%2F".parse().expect("valid");
+        let uri = origin_target(&base, Some(pq)).expect("valid");
+        assert_eq!(uri.to_string(), "/v1/a%20b/c?x=1&y=%2F");
     }
 }

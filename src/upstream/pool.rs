@@ -1,8 +1,8 @@
 //! [`ConnPool`]: keep-alive HTTP/1.1 connections to upstreams, on hyper's connection API.
 //!
-//! hyper-util's pooled client costs more per request than vastshift needs: it converts the
-//! absolute URI back to origin form, hashes the pool key twice, and for HTTP/1 spawns a task per
-//! request that waits for the connection to become idle again. Here a connection goes back to
+//! hyper-util's pooled client costs more per request than vastshift needs: it takes an absolute
+//! URI and converts it back to origin form, hashes the pool key twice, and for HTTP/1 spawns a
+//! task per request that waits for the connection to become idle again. Here a connection goes back to
 //! the pool when its response body ends ([`UpstreamBody`]), and a checkout takes the most
 //! recently used idle connection for the same scheme and authority.
 //!
@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, Scheme};
+use http::uri::Authority;
 use http::{Request, Response, Uri};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::Body;
+use crate::config::BaseUrl;
 
 /// Idle upstream connections are closed after this long: shorter than the keep-alive of common
 /// servers (Node.js and Apache 5 s, nginx 75 s).
@@ -50,6 +51,13 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Open, and idle for less than [`POOL_IDLE`].
+    fn usable(&self, now: Instant) -> bool {
+        !self.tx.is_closed() && now.saturating_duration_since(self.since) < POOL_IDLE
+    }
+}
+
 struct Shared {
     idle: Mutex<Vec<Idle>>,
 }
@@ -61,14 +69,14 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The most recently returned connection for `key` that can take a request now.
+    /// The most recently returned connection for `key` that can take a request now. Stale
+    /// and closed ones are skipped here and removed by [`reap`].
     fn checkout(&self, key: &Key) -> Option<Sender> {
         let mut idle = self.lock();
         let now = Instant::now();
-        idle.retain(|i| !i.tx.is_closed() && now.saturating_duration_since(i.since) < POOL_IDLE);
         let at = idle
             .iter()
-            .rposition(|i| i.key == *key && i.tx.is_ready())?;
+            .rposition(|i| i.key == *key && i.usable(now) && i.tx.is_ready())?;
         Some(idle.swap_remove(at).tx)
     }
 
@@ -77,6 +85,11 @@ impl Shared {
             return;
         }
         let mut idle = self.lock();
+        if idle.len() >= MAX_IDLE {
+            // Normally the reaper's job; done here too so a full list never stops pooling.
+            let now = Instant::now();
+            idle.retain(|i| i.usable(now));
+        }
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
                 key,
@@ -94,8 +107,6 @@ pub enum PoolError {
     Connect(super::BoxError),
     /// The connection failed while sending the request or reading the response head.
     Send(hyper::Error),
-    /// The request URI has no scheme or authority.
-    BadUri,
 }
 
 /// A pool of keep-alive connections, shared by one upstream's requests.
@@ -116,44 +127,41 @@ impl ConnPool {
         ConnPool { connector, shared }
     }
 
-    /// Sends `req` (absolute URI) and returns the response; the request goes out in origin form.
+    /// Sends `req` (origin-form URI) to `base` and returns the response.
     pub async fn request(
         &self,
-        mut req: Request<Body>,
+        base: &BaseUrl,
+        req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, PoolError> {
-        let key = match (req.uri().scheme(), req.uri().authority()) {
-            (Some(s), Some(a)) => Key {
-                https: *s == Scheme::HTTPS,
-                authority: a.clone(),
-            },
-            _ => return Err(PoolError::BadUri),
+        let key = Key {
+            https: base.is_https(),
+            authority: base.authority.clone(),
         };
-        let target = Uri::from(
-            req.uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
-        let absolute = std::mem::replace(req.uri_mut(), target);
-        if let Some(mut tx) = self.shared.checkout(&key) {
-            match tx.try_send_request(req).await {
+        let req = match self.shared.checkout(&key) {
+            Some(mut tx) => match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(self.wrap(resp, key, tx)),
                 Err(mut e) => match e.take_message() {
                     // The reused connection closed before the request was written: nothing
                     // reached the upstream, so it is safe to send again on a new connection.
-                    Some(back) => req = back,
+                    Some(back) => back,
                     None => return Err(PoolError::Send(e.into_error())),
                 },
-            }
-        }
-        let mut tx = self.connect(absolute).await?;
+            },
+            None => req,
+        };
+        let mut tx = self.connect(base).await?;
         match tx.try_send_request(req).await {
             Ok(resp) => Ok(self.wrap(resp, key, tx)),
             Err(e) => Err(PoolError::Send(e.into_error())),
         }
     }
 
-    async fn connect(&self, uri: Uri) -> Result<Sender, PoolError> {
+    async fn connect(&self, base: &BaseUrl) -> Result<Sender, PoolError> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(base.scheme.clone());
+        parts.authority = Some(base.authority.clone());
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        let uri = Uri::from_parts(parts).map_err(|e| PoolError::Connect(e.into()))?;
         let io = self
             .connector
             .clone()
@@ -200,9 +208,7 @@ async fn reap(shared: Weak<Shared>) {
             return;
         };
         let now = Instant::now();
-        shared
-            .lock()
-            .retain(|i| !i.tx.is_closed() && now.saturating_duration_since(i.since) < POOL_IDLE);
+        shared.lock().retain(|i| i.usable(now));
     }
 }
 
