@@ -1,4 +1,4 @@
-//! [`HttpUpstream`]: a pooled HTTP/1.1 client (hyper-util) bound to one base URL, and
+//! [`HttpUpstream`]: a pooled HTTP/1.1 client bound to one base URL, and
 //! [`Upstreams`], the pair of backends built from a config.
 //!
 //! The base URL can change at run time (a Vast.ai instance's port mapping moves when it
@@ -18,6 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::h1::ExchangeError;
 use super::pool::{ConnPool, PoolError, UpstreamBody, POOL_IDLE};
 use super::serverless::Serverless;
 use super::tls::{client_config, TlsError};
@@ -209,6 +210,38 @@ fn classify(backend: Backend, e: &PoolError) -> UpstreamError {
     match e {
         PoolError::Connect(e) => connect_error(backend, e.as_ref()),
         PoolError::Send(e) => send_error(backend, e),
+        PoolError::Exchange(e) => exchange_error(backend, e),
+    }
+}
+
+fn exchange_error(backend: Backend, e: &ExchangeError) -> UpstreamError {
+    let name = backend.as_str();
+    match e {
+        ExchangeError::Invalid(why) => UpstreamError::new(
+            ErrorKind::Other,
+            format!("{name} sent an invalid response ({why})"),
+        ),
+        ExchangeError::Closed(io) | ExchangeError::Io(io) => {
+            io_error(name, io).unwrap_or_else(|| {
+                UpstreamError::new(ErrorKind::Other, format!("request to {name} failed"))
+            })
+        }
+    }
+}
+
+/// A connection closed or reset under a request.
+fn io_error(name: &str, io: &std::io::Error) -> Option<UpstreamError> {
+    use std::io::ErrorKind as K;
+    match io.kind() {
+        K::UnexpectedEof => Some(UpstreamError::new(
+            ErrorKind::Reset,
+            format!("{name} closed the connection before answering"),
+        )),
+        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => Some(UpstreamError::new(
+            ErrorKind::Reset,
+            format!("{name} reset the connection"),
+        )),
+        _ => None,
     }
 }
 
@@ -245,17 +278,11 @@ fn send_error(backend: Backend, e: &hyper::Error) -> UpstreamError {
                 );
             }
         }
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind as K;
-            if matches!(
-                io.kind(),
-                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof
-            ) {
-                return UpstreamError::new(
-                    ErrorKind::Reset,
-                    format!("{name} reset the connection"),
-                );
-            }
+        if let Some(e) = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io_error(name, io))
+        {
+            return e;
         }
         source = s.source();
     }

@@ -17,7 +17,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 vastshift");
 
 /// The hop-by-hop headers every message loses.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == header::TE
         || name == header::TRAILER

@@ -17,16 +17,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::Body;
+use super::h1::{ExchangeError, Framing, Head, RawConn};
+use super::{Body, BoxError};
 use crate::config::BaseUrl;
 
 /// Idle upstream connections are closed after this long: shorter than the keep-alive of common
@@ -45,57 +48,99 @@ struct Key {
     authority: Authority,
 }
 
-struct Idle {
-    key: Key,
-    tx: Sender,
-    since: Instant,
+/// A connection that can wait in the pool.
+trait Pooled {
+    /// Can take a request now: not closed by the upstream, nothing unexpected received.
+    fn alive(&mut self) -> bool;
 }
 
-impl Idle {
-    /// Open, and idle for less than [`POOL_IDLE`].
-    fn usable(&self, now: Instant) -> bool {
-        !self.tx.is_closed() && now.saturating_duration_since(self.since) < POOL_IDLE
+impl Pooled for Sender {
+    fn alive(&mut self) -> bool {
+        !self.is_closed() && self.is_ready()
     }
 }
 
-struct Shared {
-    idle: Mutex<Vec<Idle>>,
+impl Pooled for RawConn {
+    fn alive(&mut self) -> bool {
+        RawConn::alive(self)
+    }
 }
 
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+struct Idle<T> {
+    key: Key,
+    conn: T,
+    since: Instant,
+}
+
+impl<T> Idle<T> {
+    fn fresh(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.since) < POOL_IDLE
+    }
+}
+
+struct Shared<T> {
+    idle: Mutex<Vec<Idle<T>>>,
+}
+
+impl<T: Pooled> Shared<T> {
+    fn new() -> Arc<Shared<T>> {
+        Arc::new(Shared {
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle<T>>> {
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The most recently returned connection for `key` that can take a request now. Stale
-    /// and closed ones are skipped here and removed by [`reap`].
-    fn checkout(&self, key: &Key) -> Option<Sender> {
+    /// The most recently returned connection for `key` that can take a request now; dead ones
+    /// met on the way are closed, stale ones are left to [`reap`].
+    fn checkout(&self, key: &Key) -> Option<T> {
         let mut idle = self.lock();
         let now = Instant::now();
-        let at = idle
-            .iter()
-            .rposition(|i| i.key == *key && i.usable(now) && i.tx.is_ready())?;
-        Some(idle.swap_remove(at).tx)
+        while let Some(at) = idle.iter().rposition(|i| i.key == *key && i.fresh(now)) {
+            let mut conn = idle.swap_remove(at).conn;
+            if conn.alive() {
+                return Some(conn);
+            }
+        }
+        None
     }
 
-    fn put_back(&self, key: Key, tx: Sender) {
-        if tx.is_closed() {
-            return;
-        }
+    fn put_back(&self, key: Key, conn: T) {
         let mut idle = self.lock();
         if idle.len() >= MAX_IDLE {
             // Normally the reaper's job; done here too so a full list never stops pooling.
             let now = Instant::now();
-            idle.retain(|i| i.usable(now));
+            idle.retain_mut(|i| i.fresh(now) && i.conn.alive());
         }
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
                 key,
-                tx,
+                conn,
                 since: Instant::now(),
             });
+        }
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        self.lock().retain_mut(|i| i.fresh(now) && i.conn.alive());
+    }
+}
+
+/// Where a connection goes back to when its response is over.
+struct Home<T> {
+    shared: Weak<Shared<T>>,
+    key: Key,
+}
+
+impl<T: Pooled> Home<T> {
+    fn put(self, conn: T) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.put_back(self.key, conn);
         }
     }
 }
@@ -104,27 +149,34 @@ impl Shared {
 #[derive(Debug)]
 pub enum PoolError {
     /// No connection: refused, unreachable, connect timeout or a failed TLS handshake.
-    Connect(super::BoxError),
-    /// The connection failed while sending the request or reading the response head.
+    Connect(BoxError),
+    /// The connection failed while sending the request or reading the response head (hyper).
     Send(hyper::Error),
+    /// The same, on vastshift's own exchange.
+    Exchange(ExchangeError),
 }
 
-/// A pool of keep-alive connections, shared by one upstream's requests.
+/// Pools of keep-alive connections, shared by one upstream's requests: one for vastshift's
+/// own exchange (requests without a body), one for hyper's client (bodies and upgrades).
 #[derive(Clone)]
 pub struct ConnPool {
     connector: HttpsConnector<HttpConnector>,
-    shared: Arc<Shared>,
+    raw: Arc<Shared<RawConn>>,
+    hyper: Arc<Shared<Sender>>,
 }
 
 impl ConnPool {
     pub fn new(connector: HttpsConnector<HttpConnector>) -> ConnPool {
-        let shared = Arc::new(Shared {
-            idle: Mutex::new(Vec::new()),
-        });
+        let raw = Shared::new();
+        let hyper = Shared::new();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(reap(Arc::downgrade(&shared)));
+            rt.spawn(reap(Arc::downgrade(&raw), Arc::downgrade(&hyper)));
         }
-        ConnPool { connector, shared }
+        ConnPool {
+            connector,
+            raw,
+            hyper,
+        }
     }
 
     /// Sends `req` (origin-form URI) to `base` and returns the response.
@@ -137,7 +189,10 @@ impl ConnPool {
             https: base.is_https(),
             authority: base.authority.clone(),
         };
-        let req = match self.shared.checkout(&key) {
+        if req.body().is_end_stream() && !req.headers().contains_key(http::header::UPGRADE) {
+            return self.exchange(base, key, req).await;
+        }
+        let req = match self.hyper.checkout(&key) {
             Some(mut tx) => match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(self.wrap(resp, key, tx)),
                 Err(mut e) => match e.take_message() {
@@ -149,25 +204,80 @@ impl ConnPool {
             },
             None => req,
         };
-        let mut tx = self.connect(base).await?;
+        let mut tx = self.handshake(base).await?;
         match tx.try_send_request(req).await {
             Ok(resp) => Ok(self.wrap(resp, key, tx)),
             Err(e) => Err(PoolError::Send(e.into_error())),
         }
     }
 
-    async fn connect(&self, base: &BaseUrl) -> Result<Sender, PoolError> {
+    /// A request without a body, on vastshift's own exchange.
+    async fn exchange(
+        &self,
+        base: &BaseUrl,
+        key: Key,
+        req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, PoolError> {
+        let head = super::h1::encode_head(&req);
+        let is_head = req.method() == Method::HEAD;
+        // An idempotent request whose reused connection closed before any answer arrived is
+        // sent again on a new one, as nginx's `proxy_next_upstream error` does.
+        let again = req.method().is_idempotent();
+        drop(req);
+        if let Some(mut conn) = self.raw.checkout(&key) {
+            match conn.exchange(&head, is_head).await {
+                Ok(h) => return Ok(self.raw_response(conn, h, key)),
+                Err(ExchangeError::Closed(_)) if again => {}
+                Err(e) => return Err(PoolError::Exchange(e)),
+            }
+        }
+        let mut conn = RawConn::new(self.connect(base).await?);
+        match conn.exchange(&head, is_head).await {
+            Ok(h) => Ok(self.raw_response(conn, h, key)),
+            Err(e) => Err(PoolError::Exchange(e)),
+        }
+    }
+
+    fn raw_response(&self, conn: RawConn, head: Head, key: Key) -> Response<UpstreamBody> {
+        let Head {
+            response,
+            framing,
+            reusable,
+        } = head;
+        let home = reusable.then(|| Home {
+            shared: Arc::downgrade(&self.raw),
+            key,
+        });
+        let mut body = UpstreamBody {
+            kind: Kind::Raw {
+                conn: Some(conn),
+                framing,
+                home,
+                failed: None,
+            },
+        };
+        body.raw_ended();
+        response.map(|()| body)
+    }
+
+    async fn connect(
+        &self,
+        base: &BaseUrl,
+    ) -> Result<MaybeHttpsStream<TokioIo<TcpStream>>, PoolError> {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(base.scheme.clone());
         parts.authority = Some(base.authority.clone());
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         let uri = Uri::from_parts(parts).map_err(|e| PoolError::Connect(e.into()))?;
-        let io = self
-            .connector
+        self.connector
             .clone()
             .oneshot(uri)
             .await
-            .map_err(PoolError::Connect)?;
+            .map_err(PoolError::Connect)
+    }
+
+    async fn handshake(&self, base: &BaseUrl) -> Result<Sender, PoolError> {
+        let io = self.connect(base).await?;
         let (mut tx, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -189,47 +299,84 @@ impl ConnPool {
                 .get(http::header::CONNECTION)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
-        let back = reusable.then(|| Return {
-            shared: Arc::downgrade(&self.shared),
-            key,
-            tx,
+        let back = reusable.then(|| {
+            (
+                Home {
+                    shared: Arc::downgrade(&self.hyper),
+                    key,
+                },
+                tx,
+            )
         });
-        resp.map(|inner| UpstreamBody { inner, back })
+        resp.map(|inner| UpstreamBody {
+            kind: Kind::Hyper { inner, back },
+        })
     }
 }
 
-/// Closes idle connections past [`POOL_IDLE`] even when no request comes to reuse them.
-async fn reap(shared: Weak<Shared>) {
+/// Closes idle connections past [`POOL_IDLE`], or closed by the upstream, even when no request
+/// comes to reuse them.
+async fn reap(raw: Weak<Shared<RawConn>>, hyper: Weak<Shared<Sender>>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Some(shared) = shared.upgrade() else {
+        let (Some(raw), Some(hyper)) = (raw.upgrade(), hyper.upgrade()) else {
             return;
         };
-        let now = Instant::now();
-        shared.lock().retain(|i| i.usable(now));
+        raw.sweep();
+        hyper.sweep();
     }
-}
-
-struct Return {
-    shared: Weak<Shared>,
-    key: Key,
-    tx: Sender,
 }
 
 /// An upstream response body. When it ends, its connection goes back to the pool; dropped
 /// before its end, the connection is closed.
 pub struct UpstreamBody {
-    inner: Incoming,
-    back: Option<Return>,
+    kind: Kind,
+}
+
+enum Kind {
+    /// Read by vastshift's own exchange, straight from the connection.
+    Raw {
+        /// `None` once the body has ended or failed.
+        conn: Option<RawConn>,
+        framing: Framing,
+        home: Option<Home<RawConn>>,
+        /// Why the body failed, until it is reported.
+        failed: Option<std::io::Error>,
+    },
+    /// Read by hyper's client.
+    Hyper {
+        inner: Incoming,
+        back: Option<(Home<Sender>, Sender)>,
+    },
 }
 
 impl UpstreamBody {
-    fn done(&mut self) {
-        if let Some(r) = self.back.take() {
-            if let Some(shared) = r.shared.upgrade() {
-                shared.put_back(r.key, r.tx);
+    /// After the last byte of a raw body: the connection goes home, if it has one and nothing
+    /// unread is left on it.
+    fn raw_ended(&mut self) {
+        if let Kind::Raw {
+            conn,
+            framing: Framing::Done,
+            home,
+            ..
+        } = &mut self.kind
+        {
+            if let (Some(c), Some(h)) = (conn.take(), home.take()) {
+                if c.drained() {
+                    h.put(c);
+                }
+            }
+        }
+    }
+
+    fn hyper_ended(&mut self) {
+        if let Kind::Hyper { back, .. } = &mut self.kind {
+            if let Some((home, tx)) = back.take() {
+                if !tx.is_closed() {
+                    home.put(tx);
+                }
             }
         }
     }
@@ -237,9 +384,11 @@ impl UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        // An empty body (HEAD, 204, 304, Content-Length: 0) may never be polled.
-        if self.back.is_some() && self.inner.is_end_stream() {
-            self.done();
+        // An empty hyper body (HEAD, 204, 304, Content-Length: 0) may never be polled.
+        if let Kind::Hyper { inner, back } = &self.kind {
+            if back.is_some() && inner.is_end_stream() {
+                self.hyper_ended();
+            }
         }
     }
 }
@@ -247,33 +396,81 @@ impl Drop for UpstreamBody {
 impl From<Incoming> for UpstreamBody {
     /// A body whose connection is not pooled here.
     fn from(inner: Incoming) -> UpstreamBody {
-        UpstreamBody { inner, back: None }
+        UpstreamBody {
+            kind: Kind::Hyper { inner, back: None },
+        }
     }
 }
 
 impl http_body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.done(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.done(),
-            Poll::Ready(Some(Err(_))) => self.back = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.kind {
+            Kind::Raw {
+                conn: None,
+                framing,
+                failed,
+                ..
+            } => match failed.take() {
+                Some(e) => Poll::Ready(Some(Err(e.into()))),
+                None if *framing == Framing::Done => Poll::Ready(None),
+                None => Poll::Ready(Some(Err("upstream body already failed".into()))),
+            },
+            Kind::Raw {
+                conn: conn @ Some(_),
+                framing,
+                home,
+                failed,
+            } => match conn.as_mut().map(|c| c.poll_data(framing, cx)) {
+                Some(Poll::Ready(Ok(data))) => {
+                    self.raw_ended();
+                    Poll::Ready(data.map(|d| Ok(Frame::data(d))))
+                }
+                Some(Poll::Ready(Err(e))) => {
+                    // The connection is closed, never reused. The error is reported on the
+                    // next poll: what was already read reaches the client first, as it would
+                    // from nginx, instead of being discarded with the connection.
+                    *conn = None;
+                    *home = None;
+                    *failed = Some(e);
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                _ => Poll::Pending,
+            },
+            Kind::Hyper { inner, back } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => self.hyper_ended(),
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => self.hyper_ended(),
+                    Poll::Ready(Some(Err(_))) => *back = None,
+                    _ => {}
+                }
+                polled.map(|o| o.map(|r| r.map_err(Into::into)))
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.kind {
+            Kind::Raw { framing, .. } => *framing == Framing::Done,
+            Kind::Hyper { inner, .. } => inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.kind {
+            Kind::Raw { framing, .. } => match framing {
+                Framing::Done => SizeHint::with_exact(0),
+                Framing::Length(n) => SizeHint::with_exact(*n),
+                _ => SizeHint::default(),
+            },
+            Kind::Hyper { inner, .. } => inner.size_hint(),
+        }
     }
 }
