@@ -182,6 +182,8 @@ impl Proxy {
         let host = parts.headers.get(header::HOST).cloned();
         let upgrade = upgrade_protocol(&parts.headers);
         strip_hop_by_hop(&mut parts.headers);
+        // Room for the forwarding headers, x-request-id and Host, in one allocation.
+        parts.headers.reserve(6);
         add_forwarding(&mut parts.headers, &client.ip_header, host);
         parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
         let on_upgrade = match &upgrade {
