@@ -230,7 +230,7 @@ impl Proxy {
         let (body, replay) = if needs_copy {
             match body.size_hint().exact() {
                 Some(n) if n as usize <= rt.replay_limit => {
-                    match Limited::new(body, rt.replay_limit).collect().await {
+                    match Box::pin(Limited::new(body, rt.replay_limit).collect()).await {
                         Ok(c) => {
                             let bytes = c.to_bytes();
                             (full(bytes.clone()), Some(bytes))
@@ -279,7 +279,7 @@ impl Proxy {
                     true,
                 );
                 drop(resp);
-                self.fallback_to_legacy(&rt, out.as_ref(), replay, route_name)
+                Box::pin(self.fallback_to_legacy(&rt, out.as_ref(), replay, route_name))
                     .await
             }
             Err(e)
@@ -289,7 +289,7 @@ impl Proxy {
                     && (e.kind == ErrorKind::Connect || e.unavailable) =>
             {
                 self.record_error(Backend::Vastai, label, &e, start);
-                self.fallback_to_legacy(&rt, out.as_ref(), replay, route_name)
+                Box::pin(self.fallback_to_legacy(&rt, out.as_ref(), replay, route_name))
                     .await
             }
             other => (backend, other),
@@ -360,7 +360,8 @@ impl Proxy {
             (Backend::Vastai, VastaiUpstream::Http(up)) => self.send_http(up, req).await,
             (Backend::Vastai, VastaiUpstream::Serverless(s)) => {
                 let payload = replay.cloned().unwrap_or_default();
-                let res = s.call(req.uri(), req.headers(), payload).await;
+                // Boxed, like every rare path here: the request future stays small to move.
+                let res = Box::pin(s.call(req.uri(), req.headers(), payload)).await;
                 match &res {
                     Ok(_) => self.health.success(Backend::Vastai),
                     Err(e) if e.kind == ErrorKind::Connect => {

@@ -192,6 +192,17 @@ impl ConnPool {
         if req.body().is_end_stream() && !req.headers().contains_key(http::header::UPGRADE) {
             return self.exchange(base, key, req).await;
         }
+        // Boxed: rarer, and its futures would otherwise make every request's future larger.
+        Box::pin(self.hyper_request(base, key, req)).await
+    }
+
+    /// A request with a body, or an upgrade, on hyper's client.
+    async fn hyper_request(
+        &self,
+        base: &BaseUrl,
+        key: Key,
+        req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, PoolError> {
         let req = match self.hyper.checkout(&key) {
             Some(mut tx) => match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(self.wrap(resp, key, tx)),
@@ -231,7 +242,7 @@ impl ConnPool {
                 Err(e) => return Err(PoolError::Exchange(e)),
             }
         }
-        let mut conn = RawConn::new(self.connect(base).await?);
+        let mut conn = RawConn::new(Box::pin(self.connect(base)).await?);
         match conn.exchange(&head, is_head).await {
             Ok(h) => Ok(self.raw_response(conn, h, key)),
             Err(e) => Err(PoolError::Exchange(e)),
