@@ -279,8 +279,7 @@ impl Proxy {
                     true,
                 );
                 drop(resp);
-                Box::pin(self.fallback_to_legacy(&rt, out.as_ref(), replay, route_name))
-                    .await
+                Box::pin(self.fallback_to_legacy(&rt, out.as_ref(), replay, route_name)).await
             }
             Err(e)
                 if backend == Backend::Vastai
@@ -289,8 +288,7 @@ impl Proxy {
                     && (e.kind == ErrorKind::Connect || e.unavailable) =>
             {
                 self.record_error(Backend::Vastai, label, &e, start);
-                Box::pin(self.fallback_to_legacy(&rt, out.as_ref(), replay, route_name))
-                    .await
+                Box::pin(self.fallback_to_legacy(&rt, out.as_ref(), replay, route_name)).await
             }
             other => (backend, other),
         };

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{client, config, Vastshift};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// What the raw backend does with a request, chosen by its path.
@@ -96,20 +96,11 @@ async fn raw_backend() -> RawBackend {
 
 async fn serve_conn(mut sock: TcpStream, vanished: Arc<AtomicUsize>) {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
     let mut nth = 0;
     loop {
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            match sock.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        let Some(head) = common::read_request_head(&mut sock, &mut buf).await else {
+            return;
         };
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        buf.drain(..end);
         nth += 1;
         let path = head.split(' ').nth(1).unwrap_or("/").to_string();
         let (pieces, close) = match answer(&path, nth) {

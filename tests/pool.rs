@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{client, config, Vastshift};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 /// How the raw backend treats a connection after each answer.
@@ -77,20 +77,11 @@ async fn raw_backend(mode: Mode) -> RawBackend {
 
 async fn serve_conn(sock: &mut tokio::net::TcpStream, r: &AtomicUsize, mode: Mode) {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
     loop {
         // One request head (the tests send no request bodies).
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            match sock.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        let Some(head) = common::read_request_head(sock, &mut buf).await else {
+            return;
         };
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        buf.drain(..end);
         r.fetch_add(1, Ordering::SeqCst);
         let answer: &[u8] = if head.starts_with("HEAD ") {
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"

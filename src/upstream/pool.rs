@@ -1,14 +1,17 @@
-//! [`ConnPool`]: keep-alive HTTP/1.1 connections to upstreams, on hyper's connection API.
+//! [`ConnPool`]: keep-alive HTTP/1.1 connections to upstreams.
 //!
-//! hyper-util's pooled client costs more per request than vastshift needs: it takes an absolute
-//! URI and converts it back to origin form, hashes the pool key twice, and for HTTP/1 spawns a
-//! task per request that waits for the connection to become idle again. Here a connection goes back to
-//! the pool when its response body ends ([`UpstreamBody`]), and a checkout takes the most
-//! recently used idle connection for the same scheme and authority.
+//! Requests without a body, most of the traffic, go through vastshift's own exchange
+//! ([`super::h1`]) on the task serving the client; requests with a body and upgrades go through
+//! hyper's connection API. Each kind keeps its own idle connections. hyper-util's pooled client
+//! is not used here: it takes an absolute URI and converts it back to origin form, hashes the
+//! pool key twice, and for HTTP/1 spawns a task per request to wait for the connection to be
+//! idle again. Here a connection goes back to the pool when its response body ends
+//! ([`UpstreamBody`]), and a checkout takes the most recently used idle connection for the same
+//! scheme and authority.
 //!
 //! Idle connections are closed after [`POOL_IDLE`], shorter than the keep-alive of common
-//! servers, so a pooled connection is never reused just as the upstream closes it; a request
-//! that a reused connection could not even start is sent again on a new one.
+//! servers. A request that a reused connection could not even start is sent again on a new one,
+//! and so is an idempotent request whose reused connection closed before any answer.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};

@@ -326,3 +326,25 @@ where
     }
     false
 }
+
+/// For raw backends: the next request head on `sock` (bodies are not expected), with what
+/// follows it left in `buf`; `None` when the peer closed.
+pub async fn read_request_head(
+    sock: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    buf.drain(..end);
+    Some(head)
+}
