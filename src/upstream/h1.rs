@@ -168,12 +168,6 @@ impl RawConn {
         )
     }
 
-    /// Whether everything read so far has been used: a connection with unread bytes after an
-    /// answer is not reused.
-    pub fn drained(&self) -> bool {
-        self.buf.is_empty()
-    }
-
     /// Reads more into `buf`; `Ok(0)` is the end of the connection.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
@@ -197,8 +191,6 @@ impl RawConn {
 
     /// Sends a request head (from [`encode_head`]) and reads the answer's head.
     pub async fn exchange(&mut self, head: &[u8], is_head: bool) -> Result<Head, ExchangeError> {
-        // Anything a reused connection holds was rejected by `alive`.
-        self.buf.clear();
         self.io
             .write_all(head)
             .await
@@ -432,7 +424,7 @@ fn parse_head(
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut length: Option<u64> = None;
     let mut chunked: Option<bool> = None;
-    let mut close = minor == 0;
+    let (mut close, mut keep_alive) = (false, false);
     let mut named: Vec<HeaderName> = Vec::new();
     for span in spans.iter() {
         let (at, n) = span.name;
@@ -465,7 +457,7 @@ fn parse_head(
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    close = close && minor != 0;
+                    keep_alive = true;
                 } else if let Ok(other) = HeaderName::from_bytes(token) {
                     named.push(other);
                 }
@@ -480,7 +472,8 @@ fn parse_head(
         headers.remove(name);
     }
 
-    let mut reusable = !close;
+    // HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when asked to.
+    let mut reusable = !close && (minor != 0 || keep_alive);
     let framing =
         if is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::Done

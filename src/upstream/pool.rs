@@ -367,8 +367,8 @@ enum Kind {
 }
 
 impl UpstreamBody {
-    /// After the last byte of a raw body: the connection goes home, if it has one and nothing
-    /// unread is left on it.
+    /// After the last byte of a raw body: the connection goes home, if it has one. One with
+    /// unread bytes after the answer is refused at checkout by [`RawConn::alive`].
     fn raw_ended(&mut self) {
         if let Kind::Raw {
             conn,
@@ -378,9 +378,7 @@ impl UpstreamBody {
         } = &mut self.kind
         {
             if let (Some(c), Some(h)) = (conn.take(), home.take()) {
-                if c.drained() {
-                    h.put(c);
-                }
+                h.put(c);
             }
         }
     }
