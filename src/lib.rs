@@ -9,6 +9,7 @@
 //! - [`control`]: the one writer of routing state (file layer, overrides, rollback latch, audit).
 //! - [`state`]: persistence of that state behind the [`state::StateStore`] trait.
 //! - [`proxy`]: the request path: snapshot once, choose, forward, record.
+//! - [`lane`]: the proxy's own HTTP/1.1 server loop for plain requests; hyper's serves the rest.
 //! - [`upstream`]: pooled clients, header rewriting, TLS, the Vast.ai instance and serverless modes.
 //! - [`shadow`] and [`compare`]: bounded mirroring and response comparison.
 //! - [`window`], [`guard`], [`ramp`], [`health`]: sliding windows, verdicts, automatic rollback,
@@ -29,6 +30,7 @@ pub mod control;
 pub mod demo;
 pub mod guard;
 pub mod health;
+pub mod lane;
 pub mod metrics;
 pub mod proxy;
 pub mod ramp;

@@ -72,9 +72,9 @@ impl Client {
 
 /// The route a request matched, by position (for cached metric handles) and by name.
 #[derive(Debug, Clone, Copy)]
-struct Route<'a> {
-    at: RouteRef,
-    name: &'a str,
+pub(crate) struct Route<'a> {
+    pub at: RouteRef,
+    pub name: &'a str,
 }
 
 /// A request ready to be sent upstream, kept apart so it can be rebuilt for a replay.
@@ -104,6 +104,24 @@ impl Outgoing {
     }
 }
 
+/// The JSON body of an error answer.
+pub(crate) fn error_json(message: &str, backend: Option<Backend>) -> String {
+    serde_json::json!({
+        "error": message,
+        "backend": backend.map(Backend::as_str),
+    })
+    .to_string()
+}
+
+/// The status a failed upstream request is answered with.
+pub(crate) fn error_status(e: &UpstreamError) -> StatusCode {
+    match e.kind {
+        _ if e.unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
 /// A JSON error answer naming the backend.
 fn error_response(
     status: StatusCode,
@@ -111,11 +129,7 @@ fn error_response(
     backend: Option<Backend>,
     request_id: &HeaderValue,
 ) -> Response<Body> {
-    let body = serde_json::json!({
-        "error": message,
-        "backend": backend.map(Backend::as_str),
-    });
-    let mut resp = Response::new(full(body.to_string()));
+    let mut resp = Response::new(full(error_json(message, backend)));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(
@@ -133,7 +147,7 @@ fn error_response(
 }
 
 /// A status from vastai that makes an idempotent request worth replaying on legacy.
-fn replayable_status(method: &Method, status: StatusCode) -> bool {
+pub(crate) fn replayable_status(method: &Method, status: StatusCode) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
         && matches!(status.as_u16(), 502..=504)
 }
@@ -197,24 +211,15 @@ impl Proxy {
             None => None,
         };
 
-        let mut backend = decision.backend;
-        let mut diverted = false;
-        if backend == Backend::Vastai {
-            let serverless = matches!(rt.upstreams.vastai, VastaiUpstream::Serverless(_));
-            if serverless && (!is_json_post(&parts.method, &parts.headers) || upgrade.is_some()) {
-                // Serverless workers only take JSON POSTs; everything else stays on legacy.
-                backend = Backend::Legacy;
-            } else if table.fallback
-                && (!rt.upstreams.vastai_addressable()
-                    || !self.health.allow(Backend::Vastai, start))
-            {
-                backend = Backend::Legacy;
-                diverted = true;
-            }
-        }
-        if diverted {
-            self.metrics.fallback(route_name);
-        }
+        let serverless_ok = is_json_post(&parts.method, &parts.headers) && upgrade.is_none();
+        let mut backend = self.place(
+            &table,
+            &rt,
+            decision.backend,
+            serverless_ok,
+            route_name,
+            start,
+        );
 
         // The replay copy: only for small bodies going to vastai with fallback on, and always
         // for serverless (the payload is wrapped, so it must be whole).
@@ -312,15 +317,39 @@ impl Proxy {
             }
             Err(e) => {
                 self.record_error(served_by, label, &e, start);
-                let status = match e.kind {
-                    _ if e.unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                    ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-                    _ => StatusCode::BAD_GATEWAY,
-                };
+                let status = error_status(&e);
                 tracing::debug!(backend = served_by.as_str(), kind = e.kind.as_str(), error = %e, "upstream request failed");
                 error_response(status, &e.message, Some(served_by), &id)
             }
         }
+    }
+
+    /// The backend a request goes to, given the one the split chose: vastai's share goes to
+    /// legacy when Serverless cannot take the request (`serverless_ok`: a JSON POST, not an
+    /// upgrade), and, with fallback on, while vastai has no address or its circuit is open.
+    pub(crate) fn place(
+        &self,
+        table: &RoutingTable,
+        rt: &Runtime,
+        chosen: Backend,
+        serverless_ok: bool,
+        route_name: &str,
+        now: Instant,
+    ) -> Backend {
+        if chosen == Backend::Legacy {
+            return chosen;
+        }
+        if matches!(rt.upstreams.vastai, VastaiUpstream::Serverless(_)) && !serverless_ok {
+            // Serverless workers only take JSON POSTs; everything else stays on legacy.
+            return Backend::Legacy;
+        }
+        if table.fallback
+            && (!rt.upstreams.vastai_addressable() || !self.health.allow(Backend::Vastai, now))
+        {
+            self.metrics.fallback(route_name);
+            return Backend::Legacy;
+        }
+        chosen
     }
 
     async fn fallback_to_legacy(
@@ -386,7 +415,7 @@ impl Proxy {
         res
     }
 
-    fn record(
+    pub(crate) fn record(
         &self,
         backend: Backend,
         route: Route<'_>,
@@ -406,7 +435,13 @@ impl Proxy {
         self.windows.load().record(backend, now, elapsed, error);
     }
 
-    fn record_error(&self, backend: Backend, route: Route<'_>, e: &UpstreamError, start: Instant) {
+    pub(crate) fn record_error(
+        &self,
+        backend: Backend,
+        route: Route<'_>,
+        e: &UpstreamError,
+        start: Instant,
+    ) {
         self.metrics.upstream_error(backend, e.kind);
         self.record(backend, route, None, start, true);
     }
@@ -498,10 +533,10 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, backend: Backend) {
 }
 
 /// Counts a request in `vastshift_in_flight_requests` for as long as it lives.
-struct InFlight(IntGauge);
+pub(crate) struct InFlight(IntGauge);
 
 impl InFlight {
-    fn new(g: &IntGauge) -> InFlight {
+    pub(crate) fn new(g: &IntGauge) -> InFlight {
         g.inc();
         InFlight(g.clone())
     }

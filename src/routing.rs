@@ -161,16 +161,17 @@ impl RoutingTable {
     }
 
     /// The sticky key of a request, if the table is sticky and the request carries one.
-    pub fn sticky_key<'a>(
+    pub fn sticky_key<'a, H: Fields + ?Sized>(
         &self,
-        headers: &'a HeaderMap,
+        headers: &'a H,
         client_ip: IpAddr,
     ) -> Option<StickyKey<'a>> {
         match &self.sticky {
             Sticky::None => None,
             Sticky::Header(name) => headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
+                .values(name)
+                .next()
+                .and_then(visible_str)
                 .filter(|v| !v.is_empty())
                 .map(StickyKey::Borrowed),
             Sticky::Cookie(name) => cookie_value(headers, name).map(StickyKey::Borrowed),
@@ -268,12 +269,33 @@ pub fn murmur3_x86_32(data: &[u8], seed: u32) -> u32 {
     h
 }
 
+/// A request's header fields, however they are held: a parsed `HeaderMap`, or the raw head
+/// the proxy's own HTTP/1.1 loop reads (see `crate::lane`).
+pub trait Fields {
+    /// Every value of the field `name`, in order.
+    fn values<'a>(&'a self, name: &HeaderName) -> impl Iterator<Item = &'a [u8]>;
+}
+
+impl Fields for HeaderMap {
+    fn values<'a>(&'a self, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
+        self.get_all(name).iter().map(http::HeaderValue::as_bytes)
+    }
+}
+
+/// A field value as text, on the terms of `HeaderValue::to_str`: visible ASCII, spaces, tabs.
+pub fn visible_str(v: &[u8]) -> Option<&str> {
+    if v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        std::str::from_utf8(v).ok()
+    } else {
+        None
+    }
+}
+
 /// The value of cookie `name` in any `Cookie` header.
-fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn cookie_value<'a, H: Fields + ?Sized>(headers: &'a H, name: &str) -> Option<&'a str> {
     headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .values(&http::header::COOKIE)
+        .filter_map(visible_str)
         .flat_map(|v| v.split(';'))
         .find_map(|pair| {
             let (k, v) = pair.trim().split_once('=')?;

@@ -1,7 +1,8 @@
 //! Listeners and shutdown: the proxy's accept loop, the ops listener, and [`run`].
 //!
-//! Each proxy connection is served by hyper's HTTP/1 connection with a header read timeout (a
-//! slow header sender is cut off) and a bounded header buffer. Shutdown goes in steps: readiness
+//! Each proxy connection starts on the [`lane`], vastshift's own HTTP/1.1 loop for plain
+//! requests, and moves to hyper's HTTP/1 server for anything else; both cut off a slow header
+//! sender (`header_read_timeout_ms`) and bound the head (`max_request_header_bytes`). Shutdown goes in steps: readiness
 //! false, stop accepting, drain in-flight requests within `shutdown_grace_secs` (a warning if the
 //! deadline passes), stop the ops listener and the background loops.
 
@@ -20,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::guard::Supervisor;
+use crate::lane;
 use crate::proxy::Client;
 use crate::routing::Backend;
 
@@ -116,6 +118,39 @@ pub async fn run(
     Ok(())
 }
 
+/// Serves the rest of a client connection with hyper's server: requests with a body, upgrades,
+/// HTTP/1.0, heads the lane does not take (see [`lane`]).
+async fn serve_hyper(
+    proxy: Arc<crate::proxy::Proxy>,
+    client: Arc<Client>,
+    peer: SocketAddr,
+    io: lane::Prefixed,
+    builder: &http1::Builder,
+    mut drain: watch::Receiver<bool>,
+) {
+    let service = service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        let client = Arc::clone(&client);
+        // Boxed: hyper keeps the service future's slot for the connection's whole life, so an
+        // idle keep-alive connection would otherwise hold a request's full state machine.
+        async move { Ok::<_, Infallible>(Box::pin(proxy.handle(client, req)).await) }
+    });
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { let _ = drain.wait_for(|d| *d).await; } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
 /// Accepts proxy connections until `shutdown` resolves; returns the tracker of live
 /// connections. When `drain` turns true every connection finishes its current request and closes.
 async fn accept_loop(
@@ -131,6 +166,11 @@ async fn accept_loop(
         .header_read_timeout(Duration::from_millis(config.server.header_read_timeout_ms))
         .max_buf_size(config.server.max_request_header_bytes.max(8192))
         .keep_alive(true);
+    let builder = Arc::new(builder);
+    let lane = lane::Settings {
+        header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
+        max_head: config.server.max_request_header_bytes.max(8192),
+    };
     let tracker = TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
@@ -149,29 +189,23 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let proxy = Arc::clone(&app.proxy);
         let client = Arc::new(Client::new(peer));
-        let service = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            let client = Arc::clone(&client);
-            // Boxed: hyper keeps the service future's slot for the connection's whole life, so an
-            // idle keep-alive connection would otherwise hold a request's full state machine.
-            async move { Ok::<_, Infallible>(Box::pin(proxy.handle(client, req)).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        let mut drain = drain.clone();
+        let builder = Arc::clone(&builder);
+        let drain = drain.clone();
         tracker.spawn(async move {
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = async { let _ = drain.wait_for(|d| *d).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let io = match lane::serve(
+                Arc::clone(&proxy),
+                Arc::clone(&client),
+                stream,
+                lane,
+                drain.clone(),
+            )
+            .await
+            {
+                lane::Outcome::Closed => return,
+                lane::Outcome::Handoff(io) => io,
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
-            }
+            // Boxed: only connections the lane hands over pay for hyper's connection state.
+            Box::pin(serve_hyper(proxy, client, peer, io, &builder, drain)).await;
         });
     }
     drop(listener);

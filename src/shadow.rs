@@ -172,6 +172,11 @@ impl Shadow {
     /// `target_healthy` is the health of the backend the mirror would go to: mirrors to a
     /// backend known to be down are counted as errors without being sent, so a dead shadow
     /// costs the proxy nothing.
+    /// Mirroring is on (at any percentage).
+    pub fn enabled(&self) -> bool {
+        self.settings.load().enabled
+    }
+
     pub fn plan(
         &self,
         method: &Method,

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::h1::ExchangeError;
-use super::pool::{ConnPool, PoolError, UpstreamBody, POOL_IDLE};
+use super::pool::{Answer, ConnPool, Key, PoolError, UpstreamBody, POOL_IDLE};
 use super::serverless::Serverless;
 use super::tls::{client_config, TlsError};
 use super::{Body, UpstreamError};
@@ -129,21 +129,31 @@ impl HttpUpstream {
         self.base.store(base.map(Arc::new));
     }
 
+    /// The current base URL, or the error a request meets while the upstream has none.
+    pub fn target(&self) -> Result<Arc<BaseUrl>, UpstreamError> {
+        self.base().ok_or_else(|| {
+            UpstreamError::new(
+                ErrorKind::Connect,
+                format!(
+                    "{} has no address (instance not running)",
+                    self.backend.as_str()
+                ),
+            )
+        })
+    }
+
+    /// `Authorization` for requests to this upstream, replacing the client's; marked sensitive.
+    pub fn auth(&self) -> Option<&HeaderValue> {
+        self.auth.as_ref()
+    }
+
     /// Sends a request whose URI is origin-form (path and query) to this upstream, waiting at
     /// most `settings.timeout` for the response headers.
     pub async fn send(
         &self,
         mut req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let Some(base) = self.base() else {
-            return Err(UpstreamError::new(
-                ErrorKind::Connect,
-                format!(
-                    "{} has no address (instance not running)",
-                    self.backend.as_str()
-                ),
-            ));
-        };
+        let base = self.target()?;
         let pq = req.uri().path_and_query().cloned();
         *req.uri_mut() = origin_target(&base, pq)?;
         if !self.settings.preserve_host {
@@ -154,9 +164,36 @@ impl HttpUpstream {
             req.headers_mut()
                 .insert(header::AUTHORIZATION, auth.clone());
         }
+        self.within_timeout(self.pool.request(&base, req)).await
+    }
+
+    /// Sends a request head already in wire form for this upstream (see [`Self::target`],
+    /// [`Self::auth`]) and reads the answer's head; the body follows from [`Self::body`].
+    /// `again`: the request is idempotent and may be sent twice (see [`ConnPool`]).
+    pub async fn exchange(
+        &self,
+        base: &BaseUrl,
+        head: &[u8],
+        is_head: bool,
+        again: bool,
+    ) -> Result<Answer, UpstreamError> {
+        let key = Key::of(base);
+        self.within_timeout(self.pool.exchange_head(base, key, head, is_head, again))
+            .await
+    }
+
+    /// The body of an answer from [`Self::exchange`].
+    pub fn body(&self, answer: Answer) -> UpstreamBody {
+        self.pool.body(answer)
+    }
+
+    async fn within_timeout<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, PoolError>>,
+    ) -> Result<T, UpstreamError> {
         let timeout = self.settings.timeout;
-        match tokio::time::timeout(timeout, self.pool.request(&base, req)).await {
-            Ok(Ok(resp)) => Ok(resp),
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(classify(self.backend, &e)),
             Err(_) => Err(UpstreamError::new(
                 ErrorKind::Timeout,

@@ -26,7 +26,6 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::headers::is_hop_by_hop;
 use super::Body;
 
 /// Answers with more header fields than this are refused, as hyper does.
@@ -131,12 +130,50 @@ pub enum Chunk {
     Trailers,
 }
 
-/// A response head, how its body is framed, and whether the connection can carry another
-/// request after it.
+/// A response head as read: its bytes and where its fields sit, how its body is framed, and
+/// whether the connection can carry another request after it.
 pub struct Head {
-    pub response: Response<()>,
+    pub bytes: Bytes,
+    pub status: StatusCode,
     pub framing: Framing,
     pub reusable: bool,
+    /// Answered as HTTP/1.0.
+    pub http10: bool,
+    spans: Vec<Span>,
+}
+
+impl Head {
+    /// The end-to-end fields (name, value) in the order received: hop-by-hop ones, the fields
+    /// `Connection` names, `Transfer-Encoding` and a `Content-Length` that chunking overrides
+    /// or that repeats are left out.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans.iter().filter(|s| s.keep).map(|s| {
+            (
+                &self.bytes[s.name.0..s.name.0 + s.name.1],
+                &self.bytes[s.value.0..s.value.0 + s.value.1],
+            )
+        })
+    }
+
+    /// The head as an `http::Response`, for the request path built on hyper.
+    pub fn response(&self) -> Result<Response<()>, ExchangeError> {
+        let mut headers = HeaderMap::with_capacity(self.spans.len());
+        for s in self.spans.iter().filter(|s| s.keep) {
+            let name = HeaderName::from_bytes(&self.bytes[s.name.0..s.name.0 + s.name.1])
+                .map_err(|_| ExchangeError::Invalid("invalid response header name"))?;
+            let value =
+                HeaderValue::from_maybe_shared(self.bytes.slice(s.value.0..s.value.0 + s.value.1))
+                    .map_err(|_| ExchangeError::Invalid("invalid response header value"))?;
+            headers.append(name, value);
+        }
+        let mut response = Response::new(());
+        *response.status_mut() = self.status;
+        if self.http10 {
+            *response.version_mut() = Version::HTTP_10;
+        }
+        *response.headers_mut() = headers;
+        Ok(response)
+    }
 }
 
 impl RawConn {
@@ -200,7 +237,11 @@ impl RawConn {
         loop {
             if !self.buf.is_empty() {
                 match parse_head(&mut self.buf, &mut self.spans, is_head)? {
-                    Parsed::Head(h) => return Ok(h),
+                    Parsed::Head(mut h) => {
+                        // The field index travels with the head and comes back by `recycle`.
+                        h.spans = std::mem::take(&mut self.spans);
+                        return Ok(h);
+                    }
                     Parsed::Interim => continue,
                     Parsed::Partial => {}
                 }
@@ -222,6 +263,11 @@ impl RawConn {
                 Err(e) => return Err(ExchangeError::Closed(e)),
             }
         }
+    }
+
+    /// Takes back a head's field index, to spare the next answer an allocation.
+    pub fn recycle(&mut self, head: Head) {
+        self.spans = head.spans;
     }
 
     /// The next piece of the response body; `Ok(None)` at its end. On an error the connection
@@ -376,13 +422,31 @@ enum Parsed {
     Head(Head),
 }
 
-/// Where a header's name and value sit in the head.
+/// Where a header field's name and value sit in the head, and whether it is passed on.
 #[derive(Clone, Copy)]
 struct Span {
     name: (usize, usize),
     value: (usize, usize),
+    keep: bool,
 }
 
+/// The hop-by-hop fields every message loses (RFC 9110 §7.6.1), by lowercase name.
+pub const HOP_BY_HOP: [&[u8]; 7] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+];
+
+fn is(name: &[u8], lower: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(lower)
+}
+
+/// Parses a response head at the front of `buf`. The head's field index is left in `spans`
+/// (the caller moves it into the returned [`Head`]).
 fn parse_head(
     buf: &mut BytesMut,
     spans: &mut Vec<Span>,
@@ -407,6 +471,7 @@ fn parse_head(
     spans.extend(res.headers.iter().map(|h| Span {
         name: (h.name.as_ptr() as usize - start, h.name.len()),
         value: (h.value.as_ptr() as usize - start, h.value.len()),
+        keep: true,
     }));
     if (100..200).contains(&code) {
         if code == 101 {
@@ -419,57 +484,63 @@ fn parse_head(
     }
     let status = StatusCode::from_u16(code)
         .map_err(|_| ExchangeError::Invalid("invalid response status"))?;
-    let head = buf.split_to(len).freeze();
+    let bytes = buf.split_to(len).freeze();
 
-    let mut headers = HeaderMap::with_capacity(spans.len());
     let mut length: Option<u64> = None;
     let mut chunked: Option<bool> = None;
-    let (mut close, mut keep_alive) = (false, false);
-    let mut named: Vec<HeaderName> = Vec::new();
-    for span in spans.iter() {
-        let (at, n) = span.name;
-        let name = HeaderName::from_bytes(&head[at..at + n])
-            .map_err(|_| ExchangeError::Invalid("invalid response header name"))?;
-        let (at, n) = span.value;
-        let value = HeaderValue::from_maybe_shared(head.slice(at..at + n))
-            .map_err(|_| ExchangeError::Invalid("invalid response header value"))?;
-        if name == header::CONTENT_LENGTH {
+    let (mut close, mut keep_alive, mut names_more) = (false, false, false);
+    for span in spans.iter_mut() {
+        let name = &bytes[span.name.0..span.name.0 + span.name.1];
+        let value = &bytes[span.value.0..span.value.0 + span.value.1];
+        if is(name, b"content-length") {
             let n =
-                content_length(&value).ok_or(ExchangeError::Invalid("invalid Content-Length"))?;
+                content_length(value).ok_or(ExchangeError::Invalid("invalid Content-Length"))?;
             match length {
                 Some(prev) if prev != n => {
                     return Err(ExchangeError::Invalid("conflicting Content-Length values"))
                 }
-                Some(_) => continue,
+                Some(_) => span.keep = false,
                 None => length = Some(n),
             }
-        } else if name == header::TRANSFER_ENCODING {
-            let last = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or_default();
+        } else if is(name, b"transfer-encoding") {
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            continue;
-        } else if name == header::CONNECTION {
-            for token in value.as_bytes().split(|&b| b == b',') {
+            span.keep = false;
+        } else if is(name, b"connection") {
+            for token in value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     keep_alive = true;
-                } else if let Ok(other) = HeaderName::from_bytes(token) {
-                    named.push(other);
+                } else if !token.is_empty() {
+                    names_more = true;
                 }
             }
-            continue;
-        } else if is_hop_by_hop(&name) {
-            continue;
+            span.keep = false;
+        } else if HOP_BY_HOP.iter().any(|h| is(name, h)) {
+            span.keep = false;
         }
-        headers.append(name, value);
     }
-    for name in named {
-        headers.remove(name);
+    if names_more {
+        // Rare: `Connection` names more fields, which are hop-by-hop too.
+        let base = bytes.as_ptr() as usize;
+        let mut named: Vec<(usize, usize)> = Vec::new();
+        for s in spans.iter() {
+            if !is(&bytes[s.name.0..s.name.0 + s.name.1], b"connection") {
+                continue;
+            }
+            for t in bytes[s.value.0..s.value.0 + s.value.1].split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                named.push((t.as_ptr() as usize - base, t.len()));
+            }
+        }
+        for span in spans.iter_mut() {
+            let name = &bytes[span.name.0..span.name.0 + span.name.1];
+            if named.iter().any(|&(at, n)| is(name, &bytes[at..at + n])) {
+                span.keep = false;
+            }
+        }
     }
 
     // HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when asked to.
@@ -479,7 +550,14 @@ fn parse_head(
             Framing::Done
         } else if let Some(chunked) = chunked {
             // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3).
-            headers.remove(header::CONTENT_LENGTH);
+            for span in spans.iter_mut() {
+                if is(
+                    &bytes[span.name.0..span.name.0 + span.name.1],
+                    b"content-length",
+                ) {
+                    span.keep = false;
+                }
+            }
             if chunked {
                 Framing::Chunked(Chunk::Size)
             } else {
@@ -496,24 +574,18 @@ fn parse_head(
                 }
             }
         };
-    let mut response = Response::new(());
-    *response.status_mut() = status;
-    *response.version_mut() = if minor == 0 {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
-    *response.headers_mut() = headers;
     Ok(Parsed::Head(Head {
-        response,
+        bytes,
+        status,
         framing,
         reusable,
+        http10: minor == 0,
+        spans: Vec::new(),
     }))
 }
 
 /// A Content-Length value: one to nineteen decimal digits.
-fn content_length(value: &HeaderValue) -> Option<u64> {
-    let b = value.as_bytes();
+fn content_length(b: &[u8]) -> Option<u64> {
     if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -528,7 +600,28 @@ mod tests {
 
     fn parse(bytes: &[u8], is_head: bool) -> Result<Parsed, ExchangeError> {
         let mut buf = BytesMut::from(bytes);
-        parse_head(&mut buf, &mut Vec::new(), is_head)
+        let mut spans = Vec::new();
+        let mut parsed = parse_head(&mut buf, &mut spans, is_head)?;
+        if let Parsed::Head(h) = &mut parsed {
+            h.spans = spans;
+        }
+        Ok(parsed)
+    }
+
+    fn names(h: &Head) -> Vec<String> {
+        let raw: Vec<String> = h
+            .fields()
+            .map(|(n, _)| String::from_utf8_lossy(n).to_ascii_lowercase())
+            .collect();
+        let map: Vec<String> = h
+            .response()
+            .expect("valid")
+            .headers()
+            .keys()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(raw, map, "both views of a head agree");
+        raw
     }
 
     fn head(bytes: &[u8]) -> Head {
@@ -547,8 +640,7 @@ mod tests {
         );
         assert_eq!(h.framing, Framing::Length(2));
         assert!(h.reusable);
-        let names: Vec<&str> = h.response.headers().keys().map(|n| n.as_str()).collect();
-        assert_eq!(names, ["content-length", "x-kept"]);
+        assert_eq!(names(&h), ["content-length", "x-kept"]);
     }
 
     #[test]
@@ -559,7 +651,7 @@ mod tests {
         );
         assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
         assert!(!h.reusable);
-        assert!(h.response.headers().is_empty());
+        assert!(names(&h).is_empty());
     }
 
     #[test]
@@ -580,7 +672,10 @@ mod tests {
             panic!("head");
         };
         assert_eq!(h.framing, Framing::Done);
-        assert_eq!(h.response.headers()["content-length"], "7");
+        assert_eq!(
+            h.response().expect("valid").headers()["content-length"],
+            "7"
+        );
         assert_eq!(
             head(b"HTTP/1.1 304 Not Modified\r\n\r\n").framing,
             Framing::Done

@@ -115,13 +115,18 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 fn new_request_id() -> HeaderValue {
+    HeaderValue::from_bytes(&new_request_id_bytes()).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// A new random request id: 32 lowercase hex digits.
+pub fn new_request_id_bytes() -> [u8; 32] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];
     let n = fastrand::u128(..);
     for (i, b) in id.iter_mut().enumerate() {
         *b = HEX[((n >> (4 * (31 - i))) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
+    id
 }
 
 #[cfg(test)]

@@ -46,9 +46,26 @@ type Sender = http1::SendRequest<Body>;
 
 /// Where a connection leads.
 #[derive(Clone, PartialEq, Eq)]
-struct Key {
+pub struct Key {
     https: bool,
     authority: Authority,
+}
+
+impl Key {
+    pub fn of(base: &BaseUrl) -> Key {
+        Key {
+            https: base.is_https(),
+            authority: base.authority.clone(),
+        }
+    }
+}
+
+/// An answer's head on vastshift's own exchange, with the connection its body comes on. Dropped
+/// without [`ConnPool::body`], the connection is closed.
+pub struct Answer {
+    pub head: Head,
+    conn: RawConn,
+    key: Key,
 }
 
 /// A connection that can wait in the pool.
@@ -188,10 +205,7 @@ impl ConnPool {
         base: &BaseUrl,
         req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, PoolError> {
-        let key = Key {
-            https: base.is_https(),
-            authority: base.authority.clone(),
-        };
+        let key = Key::of(base);
         if req.body().is_end_stream() && !req.headers().contains_key(http::header::UPGRADE) {
             return self.exchange(base, key, req).await;
         }
@@ -234,30 +248,48 @@ impl ConnPool {
     ) -> Result<Response<UpstreamBody>, PoolError> {
         let head = super::h1::encode_head(&req);
         let is_head = req.method() == Method::HEAD;
-        // An idempotent request whose reused connection closed before any answer arrived is
-        // sent again on a new one, as nginx's `proxy_next_upstream error` does.
         let again = req.method().is_idempotent();
         drop(req);
+        let answer = self.exchange_head(base, key, &head, is_head, again).await?;
+        let response = answer.head.response().map_err(PoolError::Exchange)?;
+        Ok(response.map(|()| self.body(answer)))
+    }
+
+    /// Sends a request head already in wire form (a request without a body) to `base` on
+    /// vastshift's own exchange, and reads the answer's head. `again`: the request is idempotent,
+    /// so if a reused connection closes before any answer it is sent once more on a new one, as
+    /// nginx's `proxy_next_upstream error` does.
+    pub async fn exchange_head(
+        &self,
+        base: &BaseUrl,
+        key: Key,
+        head: &[u8],
+        is_head: bool,
+        again: bool,
+    ) -> Result<Answer, PoolError> {
         if let Some(mut conn) = self.raw.checkout(&key) {
-            match conn.exchange(&head, is_head).await {
-                Ok(h) => return Ok(self.raw_response(conn, h, key)),
+            match conn.exchange(head, is_head).await {
+                Ok(head) => return Ok(Answer { conn, head, key }),
                 Err(ExchangeError::Closed(_)) if again => {}
                 Err(e) => return Err(PoolError::Exchange(e)),
             }
         }
         let mut conn = RawConn::new(Box::pin(self.connect(base)).await?);
-        match conn.exchange(&head, is_head).await {
-            Ok(h) => Ok(self.raw_response(conn, h, key)),
+        match conn.exchange(head, is_head).await {
+            Ok(head) => Ok(Answer { conn, head, key }),
             Err(e) => Err(PoolError::Exchange(e)),
         }
     }
 
-    fn raw_response(&self, conn: RawConn, head: Head, key: Key) -> Response<UpstreamBody> {
-        let Head {
-            response,
-            framing,
-            reusable,
-        } = head;
+    /// The body of an answer; its connection comes back to this pool when the body ends.
+    pub fn body(&self, answer: Answer) -> UpstreamBody {
+        let Answer {
+            mut conn,
+            head,
+            key,
+        } = answer;
+        let (framing, reusable) = (head.framing, head.reusable);
+        conn.recycle(head);
         let home = reusable.then(|| Home {
             shared: Arc::downgrade(&self.raw),
             key,
@@ -271,7 +303,7 @@ impl ConnPool {
             },
         };
         body.raw_ended();
-        response.map(|()| body)
+        body
     }
 
     async fn connect(
