@@ -4,17 +4,17 @@
 //! Every client connection starts here. A request head is read and parsed (httparse) into an
 //! index over the bytes as received. A request the lane takes — HTTP/1.1; GET, HEAD, DELETE or
 //! OPTIONS; no body; an origin-form target; no upgrade, no `Expect`, no `Connection` token other
-//! than `close` and `keep-alive`; mirroring off — is routed exactly as on the full path (the
-//! same [`RoutingTable`](crate::routing::RoutingTable) snapshot, [`Proxy::place`], metrics,
-//! guard windows, health, fallback to legacy), its head rewritten for the upstream as bytes
+//! than `close` and `keep-alive` — is routed exactly as on the full path (the same
+//! [`RoutingTable`](crate::routing::RoutingTable) snapshot, [`Proxy::place`], metrics, guard
+//! windows, health, fallback to legacy, mirroring through [`crate::shadow`]), its head rewritten for the upstream as bytes
 //! (SPEC §4: hop-by-hop fields dropped, `X-Forwarded-*`, `Via`, `x-request-id`, `Host`,
 //! vastai's key), and sent on the upstream's own exchange ([`crate::upstream::h1`]). The answer
 //! head goes to the client built from the upstream's bytes, and the body follows as it arrives
 //! (chunked when its length is unknown). There is no `HeaderMap`, no dispatcher task and, for a
 //! small answer, one write.
 //!
-//! Anything else — a body, an upgrade, HTTP/1.0, a head that does not parse or is too large,
-//! mirroring on — hands the connection, with the bytes already read, to hyper's server for the
+//! Anything else — a body, an upgrade, HTTP/1.0, a head that does not parse or is too large —
+//! hands the connection, with the bytes already read, to hyper's server for the
 //! rest of its life ([`Outcome::Handoff`]), so every other behaviour keeps one implementation.
 //! Timeouts match that server's: the wait for a request head (the idle keep-alive time
 //! included) is bounded by `server.header_read_timeout_ms`, checked by one timer per
@@ -29,8 +29,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use bytes::{Buf, BytesMut};
-use http::{HeaderName, Method, StatusCode};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -41,9 +42,10 @@ use crate::config::BaseUrl;
 use crate::metrics::ErrorKind;
 use crate::proxy::{error_json, error_status, replayable_status, Client, InFlight, Proxy, Route};
 use crate::routing::{random_bucket, visible_str, Backend, Fields};
-use crate::upstream::headers::new_request_id_bytes;
+use crate::shadow::ShadowPlan;
+use crate::upstream::headers::{new_request_id_bytes, X_REQUEST_ID};
 use crate::upstream::pool::Answer;
-use crate::upstream::{h1::Framing, HttpUpstream, UpstreamBody, UpstreamError, VastaiUpstream};
+use crate::upstream::{full, h1::Framing, BoxError, HttpUpstream, UpstreamError, VastaiUpstream};
 
 /// Request heads with more fields than this go to hyper (which answers 431), as its limit is.
 const MAX_FIELDS: usize = 100;
@@ -339,9 +341,6 @@ pub async fn serve(
                 _ = &mut drained, if idle => return Outcome::Closed,
             }
         };
-        if proxy.shadow.enabled() {
-            return c.handoff();
-        }
         let exchange = Exchange {
             proxy: &proxy,
             client: &client,
@@ -428,6 +427,18 @@ impl Exchange<'_> {
             return Step::Handoff;
         };
 
+        let mirror =
+            match proxy
+                .shadow
+                .plan_plain(method, Some(0), proxy.health.is_healthy(backend.other()))
+            {
+                ShadowPlan::Off => None,
+                plan => {
+                    let empty = Bytes::new();
+                    proxy.shadow.tee(plan, full(Bytes::new()), Some(&empty)).1
+                }
+            };
+
         let fresh;
         let id = match self.field(Role::RequestId) {
             Some(v) if !v.is_empty() && v.len() <= 200 => v,
@@ -470,9 +481,33 @@ impl Exchange<'_> {
                 );
                 let chunked = matches!(answer.head.framing, Framing::Chunked(_) | Framing::Close);
                 self.answer_head(out, &answer, id, expose.then_some(served_by), chunked);
+                let mirrored = mirror.and_then(|task| {
+                    let (uri, headers) = self.mirror_request(id)?;
+                    let mut answered = answer.head.response().ok()?.into_parts().0.headers;
+                    answered.insert(&X_REQUEST_ID, HeaderValue::from_bytes(id).ok()?);
+                    Some((task, uri, headers, answered))
+                });
                 let body = up.body(answer);
                 let _guard = InFlight::new(proxy.metrics.in_flight(served_by));
-                match relay(io, out, body, chunked).await {
+                let relayed = match mirrored {
+                    None => relay(io, out, body, chunked).await,
+                    Some((task, uri, headers, answered)) => {
+                        let body = proxy.shadow.start(
+                            task,
+                            method,
+                            &uri,
+                            &headers,
+                            route_name,
+                            served_by,
+                            status.as_u16(),
+                            &answered,
+                            body.boxed_unsync(),
+                            Arc::clone(&rt),
+                        );
+                        relay(io, out, body, chunked).await
+                    }
+                };
+                match relayed {
                     Ok(()) => Step::Next,
                     Err(_) => Step::Close,
                 }
@@ -505,6 +540,46 @@ impl Exchange<'_> {
         let _guard = InFlight::new(self.proxy.metrics.in_flight(Backend::Legacy));
         let res = self.send(legacy, id, up_head).await;
         (Backend::Legacy, legacy, res)
+    }
+
+    /// The request as the mirror sends it: the forwarded fields, with the client's `Host`
+    /// (the target's own is set when it is sent). Built only for a mirrored request.
+    fn mirror_request(&self, id: &[u8]) -> Option<(Uri, HeaderMap)> {
+        let uri = Uri::try_from(slice(self.buf, self.head.target)).ok()?;
+        let mut headers = HeaderMap::with_capacity(self.fields.len() + 5);
+        let host = self.head.host.is_some();
+        let mut forwarded = Vec::new();
+        for f in self.fields {
+            let (name, value) = (slice(self.buf, f.name), slice(self.buf, f.value));
+            match f.role {
+                Role::Pass | Role::Host | Role::Authorization => {}
+                Role::ForwardedHost if !host => {}
+                Role::ForwardedFor => {
+                    if visible_str(value).is_some() {
+                        forwarded.extend_from_slice(value);
+                        forwarded.extend_from_slice(b", ");
+                    }
+                    continue;
+                }
+                _ => continue,
+            }
+            headers.append(
+                HeaderName::from_bytes(name).ok()?,
+                HeaderValue::from_bytes(value).ok()?,
+            );
+        }
+        forwarded.extend_from_slice(self.client.ip_header.as_bytes());
+        headers.insert("x-forwarded-for", HeaderValue::from_bytes(&forwarded).ok()?);
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        if let Some(h) = self.head.host {
+            headers.insert(
+                "x-forwarded-host",
+                HeaderValue::from_bytes(slice(self.buf, h)).ok()?,
+            );
+        }
+        headers.append(header::VIA, HeaderValue::from_static("1.1 vastshift"));
+        headers.insert(&X_REQUEST_ID, HeaderValue::from_bytes(id).ok()?);
+        Some((uri, headers))
     }
 
     fn field(&self, role: Role) -> Option<&[u8]> {
@@ -708,12 +783,15 @@ async fn flush(io: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
 /// Relays the answer body after its head (already in `out`): what is ready goes in the same
 /// write as the head; the rest is written as it arrives. An upstream failure mid-body ends the
 /// client connection after the bytes already read, as a cut body must.
-async fn relay(
+async fn relay<B>(
     io: &mut TcpStream,
     out: &mut Vec<u8>,
-    mut body: UpstreamBody,
+    mut body: B,
     chunked: bool,
-) -> io::Result<()> {
+) -> io::Result<()>
+where
+    B: http_body::Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     loop {
         let polled = std::future::poll_fn(|cx| {
             Poll::Ready(http_body::Body::poll_frame(Pin::new(&mut body), cx))

@@ -172,11 +172,6 @@ impl Shadow {
     /// `target_healthy` is the health of the backend the mirror would go to: mirrors to a
     /// backend known to be down are counted as errors without being sent, so a dead shadow
     /// costs the proxy nothing.
-    /// Mirroring is on (at any percentage).
-    pub fn enabled(&self) -> bool {
-        self.settings.load().enabled
-    }
-
     pub fn plan(
         &self,
         method: &Method,
@@ -184,8 +179,21 @@ impl Shadow {
         body_len: Option<u64>,
         target_healthy: bool,
     ) -> ShadowPlan {
+        if crate::upstream::headers::upgrade_protocol(headers).is_some() {
+            return ShadowPlan::Off;
+        }
+        self.plan_plain(method, body_len, target_healthy)
+    }
+
+    /// [`Self::plan`] for a request known not to be an upgrade.
+    pub fn plan_plain(
+        &self,
+        method: &Method,
+        body_len: Option<u64>,
+        target_healthy: bool,
+    ) -> ShadowPlan {
         let s = self.settings.load();
-        if !s.enabled || crate::upstream::headers::upgrade_protocol(headers).is_some() {
+        if !s.enabled {
             return ShadowPlan::Off;
         }
         if fastrand::u16(0..10_000) >= s.percent.hundredths() {

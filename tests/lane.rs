@@ -736,3 +736,70 @@ async fn drain_finishes_the_request_in_flight_closes_idle_connections_and_refuse
     assert!(busy.closed().await.is_empty());
     tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn mirrored_plain_requests_carry_the_forwarded_head_and_are_compared() {
+    let legacy = echo("same").await;
+    let vastai = echo("same").await;
+    let text = config(
+        &legacy.url(),
+        &vastai.url(),
+        "[split]\npercent = 0\n[shadow]\nenabled = true\n",
+    );
+    let vs = Vastshift::start(&text).await;
+    let mut c = Conn::open(vs.addr).await;
+    let r = c
+        .ask(
+            "GET /m?x=1 HTTP/1.1\r\nHost: shop.example\r\nX-Forwarded-For: 203.0.113.7\r\n\
+             X-Request-Id: mirror-id\r\nx-end-to-end: yes\r\n\r\n",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-vastshift-backend"), Some("legacy"));
+    assert_eq!(r.header("x-request-id"), Some("mirror-id"));
+    let primary_body = r.text();
+    assert!(primary_body.starts_with("same GET /m"), "{primary_body}");
+
+    // The mirror reaches vastai with the head the primary got, marked as a mirror.
+    assert!(eventually(10.0, || async { vastai.count() == 1 }).await);
+    let (primary, mirror) = (legacy.last().unwrap(), vastai.last().unwrap());
+    assert_eq!(mirror.target, "/m?x=1");
+    assert_eq!(mirror.headers["x-vastshift-shadow"], "1");
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "via",
+        "x-request-id",
+        "x-end-to-end",
+    ] {
+        assert_eq!(
+            mirror.headers.get(name),
+            primary.headers.get(name),
+            "{name} differs between primary and mirror"
+        );
+    }
+    assert_eq!(mirror.headers["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert!(!primary.headers.contains_key("x-vastshift-shadow"));
+
+    // Both answers were compared: the same body from both sides is a match.
+    let doc = eventually(10.0, || async {
+        let d: serde_json::Value = admin(
+            &client(),
+            reqwest::Method::GET,
+            vs.admin_url("/admin/shadow"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        d["matched"] == 1
+    })
+    .await;
+    assert!(doc, "the mirrored answer was compared and matched");
+    // The connection still serves the next request.
+    let r = c.ask("GET /after HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(r.status, 200);
+}
