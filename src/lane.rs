@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use crate::config::BaseUrl;
 use crate::metrics::ErrorKind;
 use crate::proxy::{error_json, error_status, replayable_status, Client, InFlight, Proxy, Route};
-use crate::routing::{random_bucket, visible_str, Backend, Fields};
+use crate::routing::{visible_str, Backend, Fields};
 use crate::shadow::ShadowPlan;
 use crate::upstream::headers::{new_request_id_bytes, X_REQUEST_ID};
 use crate::upstream::pool::Answer;
@@ -404,19 +404,12 @@ impl Exchange<'_> {
         let path = target.split(|&b| b == b'?').next().unwrap_or(target);
         let path = std::str::from_utf8(path).unwrap_or("/");
         let method = &self.head.method;
-        let route = table.match_route(method, path);
         let fields = RawFields {
             buf: self.buf,
             fields: self.fields,
         };
-        let override_value = table
-            .override_header
-            .as_ref()
-            .and_then(|h| fields.values(h).next());
-        let bucket = table
-            .sticky_key(&fields, self.client.ip)
-            .map_or_else(random_bucket, |k| k.bucket(&table.salt));
-        let decision = table.decide(route, override_value, bucket);
+        let decision = table.decide_request(method, path, &fields, self.client.ip);
+        let route = decision.route;
         let route_name = table.route_name(route);
         let label = Route {
             at: route,

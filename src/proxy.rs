@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::health::Health;
 use crate::metrics::{ErrorKind, Metrics};
-use crate::routing::{random_bucket, Backend, RouteRef, RoutingTable};
+use crate::routing::{Backend, RouteRef, RoutingTable};
 use crate::shadow::{Shadow, ShadowTask};
 use crate::upstream::headers::{
     add_forwarding, request_id, strip_hop_by_hop, upgrade_protocol, X_REQUEST_ID,
@@ -176,16 +176,9 @@ impl Proxy {
         let rt = self.runtime.load_full();
         let (mut parts, body) = req.into_parts();
 
-        let route = table.match_route(&parts.method, parts.uri.path());
-        let override_value = table
-            .override_header
-            .as_ref()
-            .and_then(|h| parts.headers.get(h))
-            .map(HeaderValue::as_bytes);
-        let bucket = table
-            .sticky_key(&parts.headers, client.ip)
-            .map_or_else(random_bucket, |k| k.bucket(&table.salt));
-        let decision = table.decide(route, override_value, bucket);
+        let decision =
+            table.decide_request(&parts.method, parts.uri.path(), &parts.headers, client.ip);
+        let route = decision.route;
         let route_name = table.route_name(route);
         let label = Route {
             at: route,

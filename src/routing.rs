@@ -184,6 +184,26 @@ impl RoutingTable {
         bucket_for(&self.salt, key)
     }
 
+    /// The routing decision for a request: its route, then the override header, the sticky
+    /// key's bucket or a random one.
+    pub fn decide_request<H: Fields + ?Sized>(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &H,
+        client_ip: IpAddr,
+    ) -> Decision {
+        let route = self.match_route(method, path);
+        let override_value = self
+            .override_header
+            .as_ref()
+            .and_then(|h| headers.values(h).next());
+        let bucket = self
+            .sticky_key(headers, client_ip)
+            .map_or_else(random_bucket, |k| k.bucket(&self.salt));
+        self.decide(route, override_value, bucket)
+    }
+
     /// The pure routing decision for a request whose route and bucket are known.
     pub fn decide(&self, route: RouteRef, override_value: Option<&[u8]>, bucket: u16) -> Decision {
         let percent = self.route_percent(route);

@@ -784,18 +784,7 @@ async fn mirrored_plain_requests_carry_the_forwarded_head_and_are_compared() {
 
     // Both answers were compared: the same body from both sides is a match.
     let doc = eventually(10.0, || async {
-        let d: serde_json::Value = admin(
-            &client(),
-            reqwest::Method::GET,
-            vs.admin_url("/admin/shadow"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-        d["matched"] == 1
+        admin_json(&vs, "/admin/shadow").await["matched"] == 1
     })
     .await;
     assert!(doc, "the mirrored answer was compared and matched");

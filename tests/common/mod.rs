@@ -303,6 +303,17 @@ pub fn admin(c: &reqwest::Client, method: reqwest::Method, url: String) -> reqwe
 }
 
 /// Which backend served a response, from `x-vastshift-backend`.
+/// An admin endpoint's JSON document.
+pub async fn admin_json(vs: &Vastshift, path: &str) -> serde_json::Value {
+    admin(&client(), reqwest::Method::GET, vs.admin_url(path))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub fn served_by(r: &reqwest::Response) -> String {
     r.headers()
         .get("x-vastshift-backend")
