@@ -52,13 +52,7 @@ async fn scrape(vs: &Vastshift) -> String {
 }
 
 async fn split_doc(vs: &Vastshift) -> Value {
-    admin(&client(), Method::GET, vs.admin_url("/admin/split"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    admin_json(vs, "/admin/split").await
 }
 
 #[tokio::test]

@@ -10,17 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use reqwest::Method;
 use serde_json::{json, Value};
 
 async fn shadow_doc(vs: &Vastshift) -> Value {
-    admin(&client(), Method::GET, vs.admin_url("/admin/shadow"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    admin_json(vs, "/admin/shadow").await
 }
 
 /// Waits until `n` mirrors have a verdict (match, mismatch or error).

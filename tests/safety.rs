@@ -22,13 +22,7 @@ use vastshift::state::{MemoryStore, RampStatus};
 use vastshift::window::Windows;
 
 async fn get_json(vs: &Vastshift, path: &str) -> Value {
-    admin(&client(), Method::GET, vs.admin_url(path))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    admin_json(vs, path).await
 }
 
 /// A backend failing the first `fails_per_five` of every five requests with 500 (3 = 60 %);
