@@ -49,8 +49,13 @@ use crate::upstream::{full, h1::Framing, BoxError, HttpUpstream, UpstreamError, 
 
 /// Request heads with more fields than this go to hyper (which answers 431), as its limit is.
 const MAX_FIELDS: usize = 100;
-/// The first client read buffer; it grows to `server.max_request_header_bytes` for a long head.
+/// The first client read buffer; it grows for a long head, which is handed to hyper's server
+/// once it passes `server.max_request_header_bytes`.
 const FIRST_BUF: usize = 4096;
+/// Buffers grown past this by one request are given back afterwards.
+const KEEP_BUF: usize = 16 * 1024;
+/// A body piece this large is written as it is rather than copied behind the head.
+const WRITE_DIRECT: usize = 16 * 1024;
 /// Answer bytes are written once this many are waiting, or when the upstream makes us wait.
 const FLUSH_AT: usize = 64 * 1024;
 
@@ -316,6 +321,8 @@ pub async fn serve(
         let head = loop {
             if !c.buf.is_empty() {
                 match parse(&c.buf, &mut c.fields) {
+                    // One read may complete a head past the bound: hyper refuses it (431).
+                    Parse::Take(head) if head.len > settings.max_head => return c.handoff(),
                     Parse::Take(head) => break head,
                     Parse::Partial if c.buf.len() < settings.max_head => {}
                     _ => return c.handoff(),
@@ -354,7 +361,10 @@ pub async fn serve(
         // Draining since the answer's head went out: close now, as hyper's server does.
         let closing = exchange.closing.load(Ordering::Relaxed) || *drain.borrow();
         match step {
-            Step::Next if !closing => c.buf.advance(head.len),
+            Step::Next if !closing => {
+                c.buf.advance(head.len);
+                c.trim();
+            }
             Step::Handoff => return c.handoff(),
             Step::Next | Step::Close => {
                 let _ = c.io.shutdown().await;
@@ -365,6 +375,19 @@ pub async fn serve(
 }
 
 impl Conn {
+    /// After an unusually long head or answer: an idle connection keeps small buffers only.
+    fn trim(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_BUF {
+            self.buf = BytesMut::with_capacity(FIRST_BUF);
+        }
+        if self.out.capacity() > KEEP_BUF {
+            self.out = Vec::new();
+        }
+        if self.up_head.capacity() > KEEP_BUF {
+            self.up_head = Vec::new();
+        }
+    }
+
     fn handoff(self) -> Outcome {
         Outcome::Handoff(Prefixed {
             prefix: self.buf,
@@ -475,10 +498,21 @@ impl Exchange<'_> {
                 let chunked = matches!(answer.head.framing, Framing::Chunked(_) | Framing::Close);
                 self.answer_head(out, &answer, id, expose.then_some(served_by), chunked);
                 let mirrored = mirror.and_then(|task| {
-                    let (uri, headers) = self.mirror_request(id)?;
-                    let mut answered = answer.head.response().ok()?.into_parts().0.headers;
-                    answered.insert(&X_REQUEST_ID, HeaderValue::from_bytes(id).ok()?);
-                    Some((task, uri, headers, answered))
+                    let copy = || {
+                        let (uri, headers) = self.mirror_request(id)?;
+                        let mut answered = answer.head.response().ok()?.into_parts().0.headers;
+                        answered.insert(&X_REQUEST_ID, HeaderValue::from_bytes(id).ok()?);
+                        Some((uri, headers, answered))
+                    };
+                    match copy() {
+                        Some((uri, headers, answered)) => Some((task, uri, headers, answered)),
+                        None => {
+                            // A target or field the mirror cannot carry (e.g. a target over
+                            // 64 KiB): counted as skipped, like any request not mirrored.
+                            proxy.shadow.skipped();
+                            None
+                        }
+                    }
                 });
                 let body = up.body(answer);
                 let _guard = InFlight::new(proxy.metrics.in_flight(served_by));
@@ -670,11 +704,26 @@ impl Exchange<'_> {
         expose: Option<Backend>,
         chunked: bool,
     ) {
-        status_line(out, answer.head.status);
+        let status = answer.head.status;
+        status_line(out, status);
+        // The length the client is told is the one this answer is framed by, never only the
+        // upstream's field (which `Connection` may have named, and so removed).
+        let length = match answer.head.framing {
+            Framing::Length(n) => Some(n),
+            Framing::Done
+                if self.head.method != Method::HEAD
+                    && status != StatusCode::NO_CONTENT
+                    && status != StatusCode::NOT_MODIFIED =>
+            {
+                Some(0)
+            }
+            _ => None,
+        };
         let mut dated = false;
         for (name, value) in answer.head.fields() {
             if name.eq_ignore_ascii_case(b"x-request-id")
                 || (expose.is_some() && name.eq_ignore_ascii_case(b"x-vastshift-backend"))
+                || (length.is_some() && name.eq_ignore_ascii_case(b"content-length"))
             {
                 continue;
             }
@@ -687,6 +736,9 @@ impl Exchange<'_> {
         }
         if !dated {
             date(out);
+        }
+        if let Some(n) = length {
+            field(out, b"content-length", n.to_string().as_bytes());
         }
         if chunked {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -815,7 +867,12 @@ where
                     hex(out, data.len());
                     out.extend_from_slice(b"\r\n");
                 }
-                out.extend_from_slice(&data);
+                if data.len() >= WRITE_DIRECT {
+                    flush(io, out).await?;
+                    io.write_all(&data).await?;
+                } else {
+                    out.extend_from_slice(&data);
+                }
                 if chunked {
                     out.extend_from_slice(b"\r\n");
                 }

@@ -1,10 +1,11 @@
 //! Listeners and shutdown: the proxy's accept loop, the ops listener, and [`run`].
 //!
 //! Each proxy connection starts on the [`lane`], vastshift's own HTTP/1.1 loop for plain
-//! requests, and moves to hyper's HTTP/1 server for anything else; both cut off a slow header
-//! sender (`header_read_timeout_ms`) and bound the head (`max_request_header_bytes`). Shutdown goes in steps: readiness
-//! false, stop accepting, drain in-flight requests within `shutdown_grace_secs` (a warning if the
-//! deadline passes), stop the ops listener and the background loops.
+//! requests, and moves to hyper's HTTP/1 server for anything else. Both cut off a slow header
+//! sender (`header_read_timeout_ms`); a head longer than `max_request_header_bytes` ends on
+//! hyper's server, which refuses it (431). Shutdown goes in steps: readiness false, stop
+//! accepting, drain in-flight requests within `shutdown_grace_secs` (a warning if the deadline
+//! passes), stop the ops listener and the background loops.
 
 use std::convert::Infallible;
 use std::future::Future;

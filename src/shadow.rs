@@ -216,6 +216,11 @@ impl Shadow {
         ShadowPlan::Mirror { permit, noise }
     }
 
+    /// A planned mirror that could not be sent as it is; counted as skipped.
+    pub fn skipped(&self) {
+        self.metrics.shadow(ShadowResult::Skipped);
+    }
+
     /// Wraps the request body so a copy is kept for the mirror, unless the proxy already holds
     /// the whole body (`buffered`).
     pub fn tee(

@@ -43,6 +43,13 @@ fn answer(path: &str, nth_on_conn: usize) -> Answer {
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: x-private\r\n\
               x-private: secret\r\nkeep-alive: timeout=5\r\nx-public: yes\r\n\r\nok",
         ]),
+        // `Connection` names Content-Length: the field goes, the framing stays.
+        "/names-length" => Pieces(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: content-length\r\n\r\nhello",
+        ]),
+        "/names-length-0" => Pieces(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: content-length\r\n\r\n",
+        ]),
         "/big-head" => Pieces(vec![b"HTTP/1.1 200 OK\r\n"]),
         "/garbage" => ThenClose(vec![b"SSH-2.0-OpenSSH_9.2\r\n\r\n"]),
         "/two-lengths" => ThenClose(vec![
@@ -189,6 +196,25 @@ async fn every_framing_reaches_the_client_intact_and_keeps_the_connection_when_i
     );
     assert!(r.headers().get("keep-alive").is_none());
     assert_eq!(r.text().await.unwrap(), "ok");
+
+    // The client is told the length the answer is framed by, even when the upstream's field
+    // was named hop-by-hop; without it the keep-alive connection would lose its place.
+    for (path, text) in [("/names-length", "hello"), ("/names-length-0", "")] {
+        for _ in 0..2 {
+            let got = tokio::time::timeout(Duration::from_secs(5), async {
+                let r = c.get(vs.url(path)).send().await.unwrap();
+                let length = r.headers().get("content-length").cloned();
+                (length, r.text().await.unwrap())
+            })
+            .await
+            .expect("a framed answer");
+            assert_eq!(
+                got.0.as_ref().map(|v| v.to_str().unwrap()),
+                Some(text.len().to_string().as_str())
+            );
+            assert_eq!(got.1, text);
+        }
+    }
 
     // HEAD: the length is passed on, no body is waited for.
     let r = c.head(vs.url("/plain")).send().await.unwrap();

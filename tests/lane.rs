@@ -499,6 +499,19 @@ async fn an_oversized_head_gets_431_and_the_proxy_keeps_serving() {
     assert!(r.body.is_empty());
     assert!(c.closed().await.is_empty());
 
+    // Just under the bound first, then the rest in one piece: the head is whole after one
+    // read, but past the bound all the same.
+    let mut c = Conn::open(vs.addr).await;
+    let head = format!(
+        "GET /grown HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n",
+        "g".repeat(12 * 1024)
+    );
+    c.send(&head.as_bytes()[..8000]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = c.sock.write_all(&head.as_bytes()[8000..]).await;
+    let r = c.response().await;
+    assert_eq!(r.status, 431, "{r:?}");
+
     let mut c = Conn::open(vs.addr).await;
     let r = c.ask("GET /after HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(r.text(), "legacy GET /after");
