@@ -738,7 +738,9 @@ impl Exchange<'_> {
             date(out);
         }
         if let Some(n) = length {
-            field(out, b"content-length", n.to_string().as_bytes());
+            out.extend_from_slice(b"content-length: ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
         }
         if chunked {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -889,14 +891,22 @@ where
 }
 
 fn hex(out: &mut Vec<u8>, n: usize) {
+    digits(out, n as u64, 16);
+}
+
+fn decimal(out: &mut Vec<u8>, n: u64) {
+    digits(out, n, 10);
+}
+
+/// `n` in base 10 or 16 (lowercase), without an allocation.
+fn digits(out: &mut Vec<u8>, mut n: u64, base: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut tmp = [0u8; 16];
+    let mut tmp = [0u8; 20];
     let mut i = tmp.len();
-    let mut n = n;
     loop {
         i -= 1;
-        tmp[i] = DIGITS[n & 0xf];
-        n >>= 4;
+        tmp[i] = DIGITS[(n % base) as usize];
+        n /= base;
         if n == 0 {
             break;
         }
@@ -978,13 +988,15 @@ mod tests {
     }
 
     #[test]
-    fn chunk_sizes_in_hex() {
+    fn chunk_sizes_and_lengths() {
         let mut out = Vec::new();
         hex(&mut out, 0);
         out.push(b' ');
         hex(&mut out, 26);
         out.push(b' ');
         hex(&mut out, 65536);
-        assert_eq!(out, b"0 1a 10000");
+        out.push(b' ');
+        decimal(&mut out, u64::MAX);
+        assert_eq!(out, b"0 1a 10000 18446744073709551615");
     }
 }
