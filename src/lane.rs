@@ -30,7 +30,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -43,7 +43,7 @@ use crate::metrics::ErrorKind;
 use crate::proxy::{error_json, error_status, replayable_status, Client, InFlight, Proxy, Route};
 use crate::routing::{visible_str, Backend, Fields};
 use crate::shadow::ShadowPlan;
-use crate::upstream::headers::{new_request_id_bytes, X_REQUEST_ID};
+use crate::upstream::headers::{add_forwarding, new_request_id_bytes, X_REQUEST_ID};
 use crate::upstream::pool::Answer;
 use crate::upstream::{full, h1::Framing, BoxError, HttpUpstream, UpstreamError, VastaiUpstream};
 
@@ -574,37 +574,20 @@ impl Exchange<'_> {
     fn mirror_request(&self, id: &[u8]) -> Option<(Uri, HeaderMap)> {
         let uri = Uri::try_from(slice(self.buf, self.head.target)).ok()?;
         let mut headers = HeaderMap::with_capacity(self.fields.len() + 5);
-        let host = self.head.host.is_some();
-        let mut forwarded = Vec::new();
         for f in self.fields {
-            let (name, value) = (slice(self.buf, f.name), slice(self.buf, f.value));
-            match f.role {
-                Role::Pass | Role::Host | Role::Authorization => {}
-                Role::ForwardedHost if !host => {}
-                Role::ForwardedFor => {
-                    if visible_str(value).is_some() {
-                        forwarded.extend_from_slice(value);
-                        forwarded.extend_from_slice(b", ");
-                    }
-                    continue;
-                }
-                _ => continue,
+            if matches!(f.role, Role::Drop | Role::RequestId) {
+                continue;
             }
             headers.append(
-                HeaderName::from_bytes(name).ok()?,
-                HeaderValue::from_bytes(value).ok()?,
+                HeaderName::from_bytes(slice(self.buf, f.name)).ok()?,
+                HeaderValue::from_bytes(slice(self.buf, f.value)).ok()?,
             );
         }
-        forwarded.extend_from_slice(self.client.ip_header.as_bytes());
-        headers.insert("x-forwarded-for", HeaderValue::from_bytes(&forwarded).ok()?);
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-        if let Some(h) = self.head.host {
-            headers.insert(
-                "x-forwarded-host",
-                HeaderValue::from_bytes(slice(self.buf, h)).ok()?,
-            );
-        }
-        headers.append(header::VIA, HeaderValue::from_static("1.1 vastshift"));
+        let host = match self.head.host {
+            Some(h) => Some(HeaderValue::from_bytes(slice(self.buf, h)).ok()?),
+            None => None,
+        };
+        add_forwarding(&mut headers, &self.client.ip_header, host);
         headers.insert(&X_REQUEST_ID, HeaderValue::from_bytes(id).ok()?);
         Some((uri, headers))
     }
@@ -631,11 +614,7 @@ impl Exchange<'_> {
             }
             Err(e) => Err(e),
         };
-        match &res {
-            Ok(_) => self.proxy.health.success(up.backend),
-            Err(e) if e.kind == ErrorKind::Connect => self.proxy.health.connect_failure(up.backend),
-            Err(_) => {}
-        }
+        self.proxy.note_health(up.backend, &res);
         res
     }
 

@@ -382,13 +382,7 @@ impl Proxy {
                 let payload = replay.cloned().unwrap_or_default();
                 // Boxed, like every rare path here: the request future stays small to move.
                 let res = Box::pin(s.call(req.uri(), req.headers(), payload)).await;
-                match &res {
-                    Ok(_) => self.health.success(Backend::Vastai),
-                    Err(e) if e.kind == ErrorKind::Connect => {
-                        self.health.connect_failure(Backend::Vastai)
-                    }
-                    Err(_) => {}
-                }
+                self.note_health(Backend::Vastai, &res);
                 res
             }
         }
@@ -400,12 +394,17 @@ impl Proxy {
         req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let res = up.send(req).await;
-        match &res {
-            Ok(_) => self.health.success(up.backend),
-            Err(e) if e.kind == ErrorKind::Connect => self.health.connect_failure(up.backend),
+        self.note_health(up.backend, &res);
+        res
+    }
+
+    /// Passive health: an answer is a success, a failed connect counts towards the breaker.
+    pub(crate) fn note_health<T>(&self, backend: Backend, res: &Result<T, UpstreamError>) {
+        match res {
+            Ok(_) => self.health.success(backend),
+            Err(e) if e.kind == ErrorKind::Connect => self.health.connect_failure(backend),
             Err(_) => {}
         }
-        res
     }
 
     pub(crate) fn record(

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::h1::ExchangeError;
-use super::pool::{Answer, ConnPool, Key, PoolError, UpstreamBody, POOL_IDLE};
+use super::pool::{Answer, ConnPool, PoolError, UpstreamBody, POOL_IDLE};
 use super::serverless::Serverless;
 use super::tls::{client_config, TlsError};
 use super::{Body, UpstreamError};
@@ -177,8 +177,7 @@ impl HttpUpstream {
         is_head: bool,
         again: bool,
     ) -> Result<Answer, UpstreamError> {
-        let key = Key::of(base);
-        self.within_timeout(self.pool.exchange_head(base, key, head, is_head, again))
+        self.within_timeout(self.pool.exchange_head(base, head, is_head, again))
             .await
     }
 

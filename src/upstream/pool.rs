@@ -46,13 +46,13 @@ type Sender = http1::SendRequest<Body>;
 
 /// Where a connection leads.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Key {
+struct Key {
     https: bool,
     authority: Authority,
 }
 
 impl Key {
-    pub fn of(base: &BaseUrl) -> Key {
+    fn of(base: &BaseUrl) -> Key {
         Key {
             https: base.is_https(),
             authority: base.authority.clone(),
@@ -205,10 +205,10 @@ impl ConnPool {
         base: &BaseUrl,
         req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, PoolError> {
-        let key = Key::of(base);
         if req.body().is_end_stream() && !req.headers().contains_key(http::header::UPGRADE) {
-            return self.exchange(base, key, req).await;
+            return self.exchange(base, req).await;
         }
+        let key = Key::of(base);
         // Boxed: rarer, and its futures would otherwise make every request's future larger.
         Box::pin(self.hyper_request(base, key, req)).await
     }
@@ -243,14 +243,13 @@ impl ConnPool {
     async fn exchange(
         &self,
         base: &BaseUrl,
-        key: Key,
         req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, PoolError> {
         let head = super::h1::encode_head(&req);
         let is_head = req.method() == Method::HEAD;
         let again = req.method().is_idempotent();
         drop(req);
-        let answer = self.exchange_head(base, key, &head, is_head, again).await?;
+        let answer = self.exchange_head(base, &head, is_head, again).await?;
         let response = answer.head.response().map_err(PoolError::Exchange)?;
         Ok(response.map(|()| self.body(answer)))
     }
@@ -262,11 +261,11 @@ impl ConnPool {
     pub async fn exchange_head(
         &self,
         base: &BaseUrl,
-        key: Key,
         head: &[u8],
         is_head: bool,
         again: bool,
     ) -> Result<Answer, PoolError> {
+        let key = Key::of(base);
         if let Some(mut conn) = self.raw.checkout(&key) {
             match conn.exchange(head, is_head).await {
                 Ok(head) => return Ok(Answer { conn, head, key }),
