@@ -24,7 +24,6 @@ use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -355,13 +354,11 @@ pub async fn serve(
             fields: &c.fields,
             head: &head,
             drain: &drain,
-            closing: AtomicBool::new(head.close),
         };
         let step = exchange.run(&mut c.io, &mut c.out, &mut c.up_head).await;
-        // Draining since the answer's head went out: close now, as hyper's server does.
-        let closing = exchange.closing.load(Ordering::Relaxed) || *drain.borrow();
         match step {
-            Step::Next if !closing => {
+            // Draining since the answer's head went out: close now, as hyper's server does.
+            Step::Next if !*drain.borrow() => {
                 c.buf.advance(head.len);
                 c.trim();
             }
@@ -399,7 +396,8 @@ impl Conn {
 enum Step {
     /// Answered; the connection can take the next request.
     Next,
-    /// The answer was cut short, or the client went away.
+    /// The connection closes: after this answer, or because it was cut short or the client
+    /// went away.
     Close,
     /// Nothing was done; hyper's server takes the request.
     Handoff,
@@ -413,8 +411,6 @@ struct Exchange<'a> {
     fields: &'a [Field],
     head: &'a Head,
     drain: &'a watch::Receiver<bool>,
-    /// The answer says `connection: close`: asked by the client, or the proxy is draining.
-    closing: AtomicBool,
 }
 
 impl Exchange<'_> {
@@ -485,6 +481,12 @@ impl Exchange<'_> {
         drop(guard);
 
         let expose = rt.expose_backend_header;
+        // The answer says `connection: close` when the client asked, or the proxy is draining.
+        let closing = self.head.close || *self.drain.borrow();
+        let step = |written: io::Result<()>| match written {
+            Ok(()) if !closing => Step::Next,
+            _ => Step::Close,
+        };
         match result {
             Ok(answer) => {
                 let status = answer.head.status;
@@ -496,7 +498,8 @@ impl Exchange<'_> {
                     status.is_server_error(),
                 );
                 let chunked = matches!(answer.head.framing, Framing::Chunked(_) | Framing::Close);
-                self.answer_head(out, &answer, id, expose.then_some(served_by), chunked);
+                let expose = expose.then_some(served_by);
+                self.answer_head(out, &answer, id, expose, chunked, closing);
                 let mirrored = mirror.and_then(|task| {
                     let copy = || {
                         let (uri, headers) = self.mirror_request(id)?;
@@ -534,19 +537,13 @@ impl Exchange<'_> {
                         relay(io, out, body, chunked).await
                     }
                 };
-                match relayed {
-                    Ok(()) => Step::Next,
-                    Err(_) => Step::Close,
-                }
+                step(relayed)
             }
             Err(e) => {
                 proxy.record_error(served_by, label, &e, start);
                 tracing::debug!(backend = served_by.as_str(), kind = e.kind.as_str(), error = %e, "upstream request failed");
-                self.error(out, &e, served_by, id);
-                match flush(io, out).await {
-                    Ok(()) => Step::Next,
-                    Err(_) => Step::Close,
-                }
+                self.error(out, &e, served_by, id, closing);
+                step(flush(io, out).await)
             }
         }
     }
@@ -682,6 +679,7 @@ impl Exchange<'_> {
         id: &[u8],
         expose: Option<Backend>,
         chunked: bool,
+        closing: bool,
     ) {
         let status = answer.head.status;
         status_line(out, status);
@@ -724,11 +722,18 @@ impl Exchange<'_> {
         if chunked {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
         }
-        self.end_head(out);
+        self.end_head(out, closing);
     }
 
     /// A JSON error answer naming the backend, as the full path sends it.
-    fn error(&self, out: &mut Vec<u8>, e: &UpstreamError, backend: Backend, id: &[u8]) {
+    fn error(
+        &self,
+        out: &mut Vec<u8>,
+        e: &UpstreamError,
+        backend: Backend,
+        id: &[u8],
+        closing: bool,
+    ) {
         let body = error_json(&e.message, Some(backend));
         status_line(out, error_status(e));
         out.extend_from_slice(b"content-type: application/json\r\n");
@@ -736,17 +741,14 @@ impl Exchange<'_> {
         field(out, b"x-vastshift-backend", backend.as_str().as_bytes());
         field(out, b"content-length", body.len().to_string().as_bytes());
         date(out);
-        self.end_head(out);
+        self.end_head(out, closing);
         if self.head.method != Method::HEAD {
             out.extend_from_slice(body.as_bytes());
         }
     }
 
-    fn end_head(&self, out: &mut Vec<u8>) {
-        if *self.drain.borrow() {
-            self.closing.store(true, Ordering::Relaxed);
-        }
-        if self.closing.load(Ordering::Relaxed) {
+    fn end_head(&self, out: &mut Vec<u8>, closing: bool) {
+        if closing {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
