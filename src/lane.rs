@@ -526,11 +526,11 @@ impl Exchange<'_> {
                             task,
                             method,
                             &uri,
-                            &headers,
+                            headers,
                             route_name,
                             served_by,
                             status.as_u16(),
-                            &answered,
+                            answered,
                             body.boxed_unsync(),
                             Arc::clone(&rt),
                         );
@@ -570,7 +570,9 @@ impl Exchange<'_> {
     /// (the target's own is set when it is sent). Built only for a mirrored request.
     fn mirror_request(&self, id: &[u8]) -> Option<(Uri, HeaderMap)> {
         let uri = Uri::try_from(slice(self.buf, self.head.target)).ok()?;
-        let mut headers = HeaderMap::with_capacity(self.fields.len() + 5);
+        // Room for the forwarding fields, the request id and the shadow marker added when the
+        // mirror is sent, so the map never has to grow (a rehash of every field).
+        let mut headers = HeaderMap::with_capacity(self.fields.len() + 7);
         for f in self.fields {
             if matches!(f.role, Role::Drop | Role::RequestId) {
                 continue;

@@ -494,11 +494,11 @@ impl Proxy {
                     task,
                     &out.method,
                     &out.uri,
-                    &out.headers,
+                    out.headers.clone(),
                     route,
                     backend,
                     status,
-                    &parts.headers,
+                    parts.headers.clone(),
                     inner,
                     rt,
                 )

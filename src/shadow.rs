@@ -249,18 +249,20 @@ impl Shadow {
         (tee.boxed_unsync(), Some(task))
     }
 
-    /// Wraps the primary's response body and starts the mirror in the background.
+    /// Wraps the primary's response body and starts the mirror in the background. `headers`
+    /// are the mirror's request fields, `response_headers` the primary's answer, both kept by
+    /// the mirror for its comparison.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         self: &Arc<Self>,
         task: ShadowTask,
         method: &Method,
         uri: &Uri,
-        headers: &HeaderMap,
+        headers: HeaderMap,
         route: &str,
         served_by: Backend,
         status: u16,
-        response_headers: &HeaderMap,
+        response_headers: HeaderMap,
         response_body: Body,
         upstreams: Arc<crate::proxy::Runtime>,
     ) -> Body {
@@ -270,15 +272,17 @@ impl Shadow {
             shadow: Arc::clone(self),
             method: method.clone(),
             uri: uri.clone(),
-            headers: headers.clone(),
+            headers,
             route: route.to_string(),
             served_by,
             primary_status: status,
-            primary_headers: response_headers.clone(),
+            primary_headers: response_headers,
             primary_body: rx,
             runtime: upstreams,
         };
-        tokio::spawn(job.run(task));
+        // Boxed: the mirror's state machine is large, and the task would otherwise copy all of
+        // it on every move and when it finishes.
+        tokio::spawn(Box::pin(job.run(task)));
         tee.boxed_unsync()
     }
 
@@ -352,7 +356,7 @@ struct Job {
 }
 
 impl Job {
-    async fn run(self, task: ShadowTask) {
+    async fn run(mut self, task: ShadowTask) {
         let _permit = task.permit;
         let settings = self.shadow.settings.load_full();
         let body = match task.request {
@@ -364,18 +368,25 @@ impl Job {
             },
         };
         let target = self.served_by.other();
+        // The fields go with the mirror; a copy only when a noise sample needs them again.
+        let headers = if task.noise {
+            self.headers.clone()
+        } else {
+            std::mem::take(&mut self.headers)
+        };
         let shadow_answer = tokio::time::timeout(
             settings.timeout,
-            self.call(target, body.clone(), settings.max_body),
+            self.call(target, headers, body.clone(), settings.max_body),
         )
         .await;
         let noise_answer = if task.noise {
             self.shadow
                 .noise_samples_taken
                 .fetch_add(1, Ordering::Relaxed);
+            let headers = std::mem::take(&mut self.headers);
             tokio::time::timeout(
                 settings.timeout,
-                self.call(self.served_by, body, settings.max_body),
+                self.call(self.served_by, headers, body, settings.max_body),
             )
             .await
             .ok()
@@ -386,7 +397,7 @@ impl Job {
         let primary = match self.primary_body.await {
             Ok(Some(c)) => Answer {
                 status: self.primary_status,
-                headers: self.primary_headers.clone(),
+                headers: std::mem::take(&mut self.primary_headers),
                 body: c.bytes,
                 total_len: c.total,
             },
@@ -436,14 +447,14 @@ impl Job {
         }
     }
 
-    /// Sends the copy to `backend` and captures its answer up to `max` bytes.
+    /// Sends the copy (`headers`, `body`) to `backend` and captures its answer up to `max` bytes.
     async fn call(
         &self,
         backend: Backend,
+        mut headers: HeaderMap,
         body: Bytes,
         max: usize,
     ) -> Result<Answer, UpstreamError> {
-        let mut headers = self.headers.clone();
         headers.insert(X_VASTSHIFT_SHADOW.clone(), HeaderValue::from_static("1"));
         let ups: &Upstreams = &self.runtime.upstreams;
         let resp = match (backend, &ups.vastai) {
