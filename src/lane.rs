@@ -41,10 +41,9 @@ use crate::config::BaseUrl;
 use crate::metrics::ErrorKind;
 use crate::proxy::{error_json, error_status, replayable_status, Client, InFlight, Proxy, Route};
 use crate::routing::{visible_str, Backend, Fields};
-use crate::shadow::ShadowPlan;
 use crate::upstream::headers::{add_forwarding, new_request_id_bytes, X_REQUEST_ID};
 use crate::upstream::pool::Answer;
-use crate::upstream::{full, h1::Framing, BoxError, HttpUpstream, UpstreamError, VastaiUpstream};
+use crate::upstream::{h1::Framing, BoxError, HttpUpstream, UpstreamError, VastaiUpstream};
 
 /// Request heads with more fields than this go to hyper (which answers 431), as its limit is.
 const MAX_FIELDS: usize = 100;
@@ -439,17 +438,11 @@ impl Exchange<'_> {
             return Step::Handoff;
         };
 
-        let mirror =
-            match proxy
+        let plan =
+            proxy
                 .shadow
-                .plan_plain(method, Some(0), proxy.health.is_healthy(backend.other()))
-            {
-                ShadowPlan::Off => None,
-                plan => {
-                    let empty = Bytes::new();
-                    proxy.shadow.tee(plan, full(Bytes::new()), Some(&empty)).1
-                }
-            };
+                .plan_plain(method, Some(0), proxy.health.is_healthy(backend.other()));
+        let mirror = proxy.shadow.task(plan, Bytes::new());
 
         let fresh;
         let id = match self.field(Role::RequestId) {

@@ -295,7 +295,7 @@ impl Proxy {
         match result {
             Ok(resp) => {
                 let mirror = shadow_tee
-                    .zip(out.as_ref())
+                    .zip(out)
                     .map(|(task, out)| (task, out, Arc::clone(&rt)));
                 self.finish(
                     resp,
@@ -448,7 +448,7 @@ impl Proxy {
         start: Instant,
         expose: bool,
         on_upgrade: Option<OnUpgrade>,
-        mirror: Option<(ShadowTask, &Outgoing, Arc<Runtime>)>,
+        mirror: Option<(ShadowTask, Outgoing, Arc<Runtime>)>,
     ) -> Response<Body> {
         let status = resp.status();
         self.record(
@@ -494,7 +494,7 @@ impl Proxy {
                     task,
                     &out.method,
                     &out.uri,
-                    out.headers.clone(),
+                    out.headers,
                     route,
                     backend,
                     status,

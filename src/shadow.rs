@@ -221,6 +221,19 @@ impl Shadow {
         self.metrics.shadow(ShadowResult::Skipped);
     }
 
+    /// The mirror's task for a request whose whole body (`body`, empty for a bodyless one) the
+    /// proxy holds.
+    pub fn task(&self, plan: ShadowPlan, body: Bytes) -> Option<ShadowTask> {
+        let ShadowPlan::Mirror { permit, noise } = plan else {
+            return None;
+        };
+        Some(ShadowTask {
+            permit,
+            noise,
+            request: RequestCopy::Ready(body),
+        })
+    }
+
     /// Wraps the request body so a copy is kept for the mirror, unless the proxy already holds
     /// the whole body (`buffered`).
     pub fn tee(
@@ -229,17 +242,12 @@ impl Shadow {
         body: Body,
         buffered: Option<&Bytes>,
     ) -> (Body, Option<ShadowTask>) {
+        if let Some(b) = buffered {
+            return (body, self.task(plan, b.clone()));
+        }
         let ShadowPlan::Mirror { permit, noise } = plan else {
             return (body, None);
         };
-        if let Some(b) = buffered {
-            let task = ShadowTask {
-                permit,
-                noise,
-                request: RequestCopy::Ready(b.clone()),
-            };
-            return (body, Some(task));
-        }
         let (tee, rx) = Tee::new(body, self.settings.load().max_body);
         let task = ShadowTask {
             permit,

@@ -21,10 +21,6 @@ use vastshift::routing::{Backend as Side, Source};
 use vastshift::state::{MemoryStore, RampStatus};
 use vastshift::window::Windows;
 
-async fn get_json(vs: &Vastshift, path: &str) -> Value {
-    admin_json(vs, path).await
-}
-
 /// A backend failing the first `fails_per_five` of every five requests with 500 (3 = 60 %);
 /// health probes always pass.
 async fn flaky(fails_per_five: u64) -> Backend {
@@ -68,7 +64,7 @@ async fn the_guard_rolls_back_a_failing_vastai_once_and_not_before_min_requests(
         vastai_seen += usize::from(served_by(&r) == "vastai");
     }
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    let status = get_json(&vs, "/admin/status").await;
+    let status = admin_json(&vs, "/admin/status").await;
     assert_eq!(status["guard"]["verdict"], "inconclusive", "{status}");
     assert_eq!(status["split"]["rolled_back"], false);
     // Past min_requests: the guard rolls back within a tick or two.
@@ -77,11 +73,11 @@ async fn the_guard_rolls_back_a_failing_vastai_once_and_not_before_min_requests(
         vastai_seen += usize::from(served_by(&r) == "vastai");
     }
     let rolled = eventually(4.0, || async {
-        get_json(&vs, "/admin/split").await["rolled_back"] == true
+        admin_json(&vs, "/admin/split").await["rolled_back"] == true
     })
     .await;
     assert!(rolled, "the guard rolled back");
-    let split = get_json(&vs, "/admin/split").await;
+    let split = admin_json(&vs, "/admin/split").await;
     assert_eq!(
         (split["percent"].as_f64(), split["source"].as_str()),
         (Some(0.0), Some("guard"))
@@ -98,7 +94,7 @@ async fn the_guard_rolls_back_a_failing_vastai_once_and_not_before_min_requests(
         before,
         "no request reaches vastai after the rollback"
     );
-    let audit = get_json(&vs, "/admin/audit").await;
+    let audit = admin_json(&vs, "/admin/audit").await;
     let entry = audit
         .as_array()
         .unwrap()
@@ -142,7 +138,7 @@ async fn too_few_requests_stay_inconclusive_even_if_all_fail() {
         assert_eq!(c.get(vs.url("/x")).send().await.unwrap().status(), 500);
     }
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    let status = get_json(&vs, "/admin/status").await;
+    let status = admin_json(&vs, "/admin/status").await;
     assert_eq!(status["guard"]["verdict"], "inconclusive");
     assert_eq!(status["backends"]["vastai"]["requests"], 10);
     assert_eq!(status["backends"]["vastai"]["error_rate"], 1.0);
@@ -303,17 +299,17 @@ async fn a_ramp_under_healthy_load_reaches_100_and_a_failing_one_rolls_back() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let reached = eventually(15.0, || async {
-        get_json(&vs, "/admin/split").await["percent"] == 100.0
+        admin_json(&vs, "/admin/split").await["percent"] == 100.0
     })
     .await;
     assert!(
         reached,
         "the ramp reached 100: {}",
-        get_json(&vs, "/admin/status").await
+        admin_json(&vs, "/admin/status").await
     );
-    let split = get_json(&vs, "/admin/split").await;
+    let split = admin_json(&vs, "/admin/split").await;
     assert_eq!(split["source"], "ramp");
-    let status = get_json(&vs, "/admin/status").await;
+    let status = admin_json(&vs, "/admin/status").await;
     assert_eq!(status["ramp"]["state"], "done");
     stop.store(true, Ordering::Relaxed);
     worker.await.unwrap();
@@ -338,18 +334,18 @@ async fn a_ramp_under_healthy_load_reaches_100_and_a_failing_one_rolls_back() {
         .await
         .unwrap();
     let rolled = eventually(10.0, || async {
-        get_json(&vs, "/admin/split").await["rolled_back"] == true
+        admin_json(&vs, "/admin/split").await["rolled_back"] == true
     })
     .await;
     assert!(rolled);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let split = get_json(&vs, "/admin/split").await;
+    let split = admin_json(&vs, "/admin/split").await;
     assert_eq!(
         (split["percent"].as_f64(), split["source"].as_str()),
         (Some(0.0), Some("guard"))
     );
     assert_eq!(
-        get_json(&vs, "/admin/status").await["ramp"]["state"],
+        admin_json(&vs, "/admin/status").await["ramp"]["state"],
         "stopped"
     );
     stop.store(true, Ordering::Relaxed);
@@ -483,7 +479,7 @@ async fn the_status_report_matches_a_scripted_load_and_the_cli_agrees() {
             .await
             .unwrap();
     }
-    let s = get_json(&vs, "/admin/status").await;
+    let s = admin_json(&vs, "/admin/status").await;
     assert_eq!(s["backends"]["legacy"]["requests"], 40);
     assert_eq!(s["backends"]["vastai"]["requests"], 40);
     assert_eq!(s["backends"]["vastai"]["errors"], 2);
@@ -530,14 +526,14 @@ async fn the_status_report_matches_a_scripted_load_and_the_cli_agrees() {
         c.get(vs.url("/p")).send().await.unwrap();
     }
     let settled = eventually(5.0, || async {
-        get_json(&vs, "/admin/status").await["shadow"]["compared"]
+        admin_json(&vs, "/admin/status").await["shadow"]["compared"]
             .as_u64()
             .unwrap()
             >= 60
     })
     .await;
     assert!(settled);
-    let s = get_json(&vs, "/admin/status").await;
+    let s = admin_json(&vs, "/admin/status").await;
     assert_eq!(s["passed"], true, "{s}");
     let out = status_cli(vs.admin, true).await;
     assert_eq!(

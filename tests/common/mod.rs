@@ -302,7 +302,6 @@ pub fn admin(c: &reqwest::Client, method: reqwest::Method, url: String) -> reqwe
     c.request(method, url).bearer_auth(TOKEN)
 }
 
-/// Which backend served a response, from `x-vastshift-backend`.
 /// An admin endpoint's JSON document.
 pub async fn admin_json(vs: &Vastshift, path: &str) -> serde_json::Value {
     admin(&client(), reqwest::Method::GET, vs.admin_url(path))
@@ -314,6 +313,7 @@ pub async fn admin_json(vs: &Vastshift, path: &str) -> serde_json::Value {
         .unwrap()
 }
 
+/// Which backend served a response, from `x-vastshift-backend`.
 pub fn served_by(r: &reqwest::Response) -> String {
     r.headers()
         .get("x-vastshift-backend")
