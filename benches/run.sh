@@ -6,11 +6,12 @@
 #
 # Two nginx `return 200` backends; vastshift, nginx and HAProxy each split 50/50 between them.
 # wrk is pinned to one core, every server to the other, one worker each. Rounds are interleaved
-# (direct, vastshift, nginx, HAProxy, vastshift with shadow at 100 %), the first is discarded,
-# ratios are taken within a round and the median is reported. Also: added latency at a fixed
-# rate and on one connection, the parallel run's effect on primary latency (many short rounds,
-# rotated), instructions per proxied request (callgrind) and resident memory. Results go to stdout
-# and benches/results/latest.md. Only 127.0.0.1 is ever loaded; everything started is stopped.
+# (direct, vastshift, nginx, HAProxy), the first is discarded, ratios are taken within a round
+# and the median is reported. Also: added latency at a fixed rate and on one connection, the
+# parallel run's cost at saturation and its effect on primary latency at a fixed rate (many short
+# rounds, rotated), instructions per proxied request (callgrind) and resident memory. Results go
+# to stdout and benches/results/latest.md. Only 127.0.0.1 is ever loaded; everything started is
+# stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,7 @@ CALLGRIND_SECS=${CALLGRIND_SECS:-10}
 LAT_DURATION=${LAT_DURATION:-3}             # s per latency run
 RATE_ROUNDS=${RATE_ROUNDS:-$((ROUNDS * 4))} # added-latency rounds (first discarded)
 ISO_ROUNDS=${ISO_ROUNDS:-$((ROUNDS * 4))}   # parallel-run isolation rounds (first discarded)
+SHADOW_ROUNDS=${SHADOW_ROUNDS:-$((ROUNDS * 4))} # parallel-run cost rounds (first discarded)
 
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
@@ -57,6 +59,7 @@ trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 B1=$(free_port); B2=$(free_port); NG=$(free_port); HA=$(free_port)
 VS=$(free_port); VSA=$(free_port); SH=$(free_port); SHA=$(free_port); CG=$(free_port); CGA=$(free_port)
+SHX=$(free_port); SHXA=$(free_port)
 on_server() { exec taskset -c "$SERVER_CPU" "$@"; }  # always backgrounded: $! is the server
 on_load() { taskset -c "$LOAD_CPU" "$@"; }
 
@@ -122,8 +125,9 @@ backend split
 EOF
 on_server haproxy -f "$work/haproxy.cfg" -db & pids+=($!)
 
-# ---- vastshift: plain, with shadow at 100 %, and one for callgrind
-vs_config() { # listen admin shadow
+# ---- vastshift: plain, with shadow at 100 % (default bound, and every request mirrored), and
+# one for callgrind
+vs_config() { # listen admin shadow [more shadow settings]
   cat <<EOF
 [server]
 listen = "127.0.0.1:$1"
@@ -138,19 +142,23 @@ percent = 50.0
 [shadow]
 enabled = $3
 percent = 100.0
+${4:-}
 [guard]
 enabled = true
 EOF
 }
 vs_config "$VS" "$VSA" false > "$work/vs.toml"
 vs_config "$SH" "$SHA" true > "$work/shadow.toml"
+# A bound no load here reaches: what mirroring every request costs.
+vs_config "$SHX" "$SHXA" true "max_in_flight = 1000000" > "$work/shadow-all.toml"
 vs_config "$CG" "$CGA" false > "$work/cg.toml"
 export VASTSHIFT_ADMIN_TOKEN=bench-token RUST_LOG=warn
 on_server "$BIN" serve --worker-threads 1 --config "$work/vs.toml" & VS_PID=$!; pids+=($VS_PID)
 on_server "$BIN" serve --worker-threads 1 --config "$work/shadow.toml" & SH_PID=$!; pids+=($SH_PID)
+on_server "$BIN" serve --worker-threads 1 --config "$work/shadow-all.toml" & pids+=($!)
 
 wait_port() { for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never answered" >&2; exit 1; }
-for p in $B1 $B2 $NG $HA $VS $SH; do wait_port "$p"; done
+for p in $B1 $B2 $NG $HA $VS $SH $SHX; do wait_port "$p"; done
 rss_kib() { awk -v k="$2" '$1==k":" {print $2}' "/proc/$1/status"; }
 IDLE_RSS=$(rss_kib "$VS_PID" VmRSS)
 
@@ -190,10 +198,10 @@ cat > "$work/single.lua" <<EOF
 function delay() return 0 end
 EOF
 
-names=(direct vastshift nginx haproxy shadow)
-ports=($B1 $VS $NG $HA $SH)
+names=(direct vastshift nginx haproxy)
+ports=($B1 $VS $NG $HA)
 echo "warming up..." >&2
-for i in "${!names[@]}"; do run_wrk warm "${ports[$i]}" 2 >/dev/null; done
+for p in "${ports[@]}" $SH $SHX; do run_wrk warm "$p" 2 >/dev/null; done
 
 results="$work/results.txt"
 : > "$results"
@@ -205,6 +213,30 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 LOAD_HWM=$(rss_kib "$VS_PID" VmHWM)
+
+# ---- the parallel run's cost at saturation: shadow off, at 100 % with the default bound on
+# mirrors in flight (beyond it they are dropped), and with every request mirrored. Short rounds,
+# order rotated, ratios within a round; each shadow run also records how many of its requests
+# were mirrored (requests counted minus mirrors dropped, from the proxy's own metrics).
+shadow_results="$work/shadow.txt"
+: > "$shadow_results"
+sh_names=(shadow-off shadow shadow-all)
+sh_ports=($VS $SH $SHX)
+sh_admin=($VSA $SHA $SHXA)
+counts() { # admin port -> "requests dropped"
+  curl -s "http://127.0.0.1:$1/metrics" | awk '/^vastshift_requests_total/ {r += $2}
+    /^vastshift_shadow_requests_total\{result="dropped"\}/ {d = $2} END {printf "%d %d", r, d}'
+}
+for r in $(seq 1 "$SHADOW_ROUNDS"); do
+  for j in 0 1 2; do
+    i=$(( (j + r) % 3 ))
+    read -r q0 d0 <<< "$(counts "${sh_admin[$i]}")"
+    line=$(run_wrk "${sh_names[$i]}" "${sh_ports[$i]}" "$LAT_DURATION")
+    read -r q1 d1 <<< "$(counts "${sh_admin[$i]}")"
+    echo "$r ${sh_names[$i]} $line $((q1 - q0)) $((d1 - d0))" >> "$shadow_results"
+    echo "round $r ${sh_names[$i]}: $line, $((q1 - q0)) requests, $((d1 - d0)) mirrors dropped" >&2
+  done
+done
 
 # ---- added latency, at RATE and on one connection; the order rotates every round
 for r in $(seq 1 "$RATE_ROUNDS"); do
@@ -219,8 +251,9 @@ for r in $(seq 1 "$RATE_ROUNDS"); do
   done
 done
 
-# ---- the parallel run must not slow the client: primary latency with a mirror target that
-# takes 1.5 s or is down, against shadow off (all traffic to legacy, mirrors to vastai).
+# ---- the parallel run must not slow the client: primary latency with a healthy mirror target,
+# one that takes 1.5 s and one that is down, against shadow off (all traffic to legacy, mirrors
+# to vastai).
 SLOW=$(free_port); DEAD=$(free_port); I1=$(free_port); I1A=$(free_port); I2=$(free_port); I2A=$(free_port); I3=$(free_port); I3A=$(free_port)
 cat > "$work/slow.py" <<'PY'
 import asyncio, sys
@@ -257,19 +290,22 @@ enabled = $3
 percent = 100.0
 EOF
 }
+I4=$(free_port); I4A=$(free_port)
 iso_config "$I1" "$I1A" false "$SLOW" > "$work/iso-off.toml"
+iso_config "$I4" "$I4A" true "$B2" > "$work/iso-on.toml"
 iso_config "$I2" "$I2A" true "$SLOW" > "$work/iso-slow.toml"
 iso_config "$I3" "$I3A" true "$DEAD" > "$work/iso-down.toml"
-for n in off slow down; do on_server "$BIN" serve --worker-threads 1 --config "$work/iso-$n.toml" & pids+=($!); done
-for p in $I1 $I2 $I3; do wait_port "$p"; done
-iso_names=(shadow-off shadow-slow shadow-down)
-iso_ports=($I1 $I2 $I3)
-for i in 0 1 2; do run_wrk warm "${iso_ports[$i]}" 2 "$work/rate.lua" >/dev/null; done
-# The order rotates every round (off/slow/down, slow/down/off, ...) so that neither a position
-# in the round nor a slow drift of the machine favours one case; ratios are taken within a round.
+for n in off on slow down; do on_server "$BIN" serve --worker-threads 1 --config "$work/iso-$n.toml" & pids+=($!); done
+for p in $I1 $I4 $I2 $I3; do wait_port "$p"; done
+iso_names=(shadow-off shadow-on shadow-slow shadow-down)
+iso_ports=($I1 $I4 $I2 $I3)
+for i in 0 1 2 3; do run_wrk warm "${iso_ports[$i]}" 2 "$work/rate.lua" >/dev/null; done
+# The order rotates every round (off/on/slow/down, on/slow/down/off, ...) so that neither a
+# position in the round nor a slow drift of the machine favours one case; ratios are taken
+# within a round.
 for r in $(seq 1 "$ISO_ROUNDS"); do
-  for j in 0 1 2; do
-    i=$(( (j + r) % 3 ))
+  for j in 0 1 2 3; do
+    i=$(( (j + r) % 4 ))
     line=$(run_wrk "${iso_names[$i]}" "${iso_ports[$i]}" "$LAT_DURATION" "$work/rate.lua")
     echo "$r ${iso_names[$i]} isolation $line" >> "$results"
     echo "round $r ${iso_names[$i]} at ~$RATE/s: $line" >&2
@@ -323,10 +359,11 @@ if command -v valgrind >/dev/null; then
 fi
 
 # ---- report
-python3 - "$results" "$ROUNDS" "$IDLE_RSS" "$LOAD_HWM" "$SHADOW_HWM" "$IDLE_OK" "$IDLE_CONN_RSS" "$IPR" "${NREQ:-0}" "$RATE" "$CONNS" "$DURATION" "${ISO_DROPPED:-0}" "$ISO_ROUNDS" "$RATE_ROUNDS" > "$work/report.md" <<'PY'
+python3 - "$results" "$ROUNDS" "$IDLE_RSS" "$LOAD_HWM" "$SHADOW_HWM" "$IDLE_OK" "$IDLE_CONN_RSS" "$IPR" "${NREQ:-0}" "$RATE" "$CONNS" "$DURATION" "${ISO_DROPPED:-0}" "$ISO_ROUNDS" "$RATE_ROUNDS" "$shadow_results" "$SHADOW_ROUNDS" "$LAT_DURATION" > "$work/report.md" <<'PY'
 import statistics, sys
 path, rounds = sys.argv[1], int(sys.argv[2])
 idle, load, shadow_hwm, idle_ok, idle_rss, ipr, nreq, rate, conns, dur, iso_dropped, iso_rounds, rate_rounds = sys.argv[3:16]
+shadow_path, shadow_rounds, lat_dur = sys.argv[16], int(sys.argv[17]), sys.argv[18]
 rows = [l.split() for l in open(path)]
 data = {}
 for r, name, kind, rps, p50, p99, non2xx, sock in rows:
@@ -340,13 +377,28 @@ out = []
 out.append(f"rounds: {rounds} x {dur} s, {conns} connections, first round discarded ({len(keep)} kept)\n")
 out.append("| target | requests/s (median) | p50 ms | p99 ms | non-2xx |")
 out.append("|---|---|---|---|---|")
-for n in ["direct", "vastshift", "nginx", "haproxy", "shadow"]:
+for n in ["direct", "vastshift", "nginx", "haproxy"]:
     bad = sum(data[("throughput", n)][r][3] for r in keep)
     out.append(f"| {n} | {med('throughput', n, 0):,.0f} | {med('throughput', n, 1):.2f} | {med('throughput', n, 2):.2f} | {bad} |")
 out.append("")
 out.append(f"- vastshift / nginx throughput: **{ratio('vastshift', 'nginx'):.2f}x** (median of per-round ratios)")
 out.append(f"- vastshift / HAProxy throughput: **{ratio('vastshift', 'haproxy'):.2f}x**")
-out.append(f"- shadow at 100 % / shadow off throughput: **{ratio('shadow', 'vastshift'):.2f}x**; p99 {med('throughput','shadow',2):.2f} ms vs {med('throughput','vastshift',2):.2f} ms")
+out.append("")
+sh = {}
+for r, name, rps, p50, p99, non2xx, sock, reqs, dropped in (l.split() for l in open(shadow_path)):
+    sh.setdefault(name, {})[int(r)] = (float(rps), float(p50), float(p99), int(non2xx), int(reqs), int(dropped))
+sh_keep = [r for r in range(2, shadow_rounds + 1)] or [1]
+out.append(f"The parallel run's cost at saturation ({conns} connections; {len(sh_keep)} rounds of {lat_dur} s kept, "
+           "order rotated, ratios within a round; mirrored = requests the proxy counted, less the mirrors it dropped):\n")
+out.append("| case | requests/s | p99 ms | mirrored | throughput / shadow off | p99 / shadow off | non-2xx |")
+out.append("|---|---|---|---|---|---|---|")
+for n, label in [("shadow-off", "shadow off"), ("shadow", "shadow at 100 %, default max_in_flight (64)"),
+                 ("shadow-all", "shadow at 100 %, every request mirrored")]:
+    d, off = sh[n], sh["shadow-off"]
+    mirrored = "" if n == "shadow-off" else f"{100 * (1 - sum(d[r][5] for r in sh_keep) / max(1, sum(d[r][4] for r in sh_keep))):.0f} %"
+    out.append(f"| {label} | {statistics.median(d[r][0] for r in sh_keep):,.0f} | {statistics.median(d[r][2] for r in sh_keep):.2f} | {mirrored} | "
+               f"**{statistics.median(d[r][0] / off[r][0] for r in sh_keep):.2f}x** | {statistics.median(d[r][2] / off[r][2] for r in sh_keep):.2f}x | "
+               f"{sum(d[r][3] for r in sh_keep)} |")
 out.append("")
 rate_keep = [r for r in range(2, int(rate_rounds) + 1)] or [1]
 for kind, title in [("rate", f"Added latency over direct at about {rate} requests/s ({conns} connections, random wait between requests)"),
@@ -368,10 +420,12 @@ def iso_med(name, i):
 def iso_ratio(name, i):
     return statistics.median(data[("isolation", name)][r][i] / data[("isolation", "shadow-off")][r][i] for r in iso_keep)
 out.append(f"Parallel run isolation at about {rate} requests/s ({len(iso_keep)} rounds kept, order rotated, "
-           "ratios within a round): primary latency with a mirror target that takes 1.5 s or is down, against shadow off\n")
+           "ratios within a round): primary latency with shadow at 100 % to a healthy mirror target, one that takes 1.5 s "
+           "and one that is down, against shadow off\n")
 out.append("| case | p50 ms | p99 ms | p50 / shadow off | p99 / shadow off |")
 out.append("|---|---|---|---|---|")
-for n, label in [("shadow-off", "shadow off"), ("shadow-slow", "mirror target takes 1.5 s"), ("shadow-down", "mirror target down")]:
+for n, label in [("shadow-off", "shadow off"), ("shadow-on", "healthy mirror target"),
+                 ("shadow-slow", "mirror target takes 1.5 s"), ("shadow-down", "mirror target down")]:
     out.append(f"| {label} | {iso_med(n, 1):.3f} | {iso_med(n, 2):.3f} | {iso_ratio(n, 1):.2f}x | {iso_ratio(n, 2):.2f}x |")
 out.append("")
 out.append(f"mirrors dropped beyond max_in_flight with the slow target: {iso_dropped}")

@@ -5,6 +5,7 @@
 //! order irrelevant, numbers by value) outside the ignored and learned-noise JSON pointers, and
 //! byte for byte otherwise. Pure functions: no I/O, no clocks.
 
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName};
 use serde::Serialize;
 use serde_json::Value;
@@ -13,11 +14,60 @@ use serde_json::Value;
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub status: u16,
-    pub headers: HeaderMap,
+    pub headers: Fields,
     /// The first bytes of the body, up to the capture bound.
     pub body: bytes::Bytes,
     /// The body's full length, which may exceed `body.len()`.
     pub total_len: u64,
+}
+
+/// An answer's header fields as (name, value) pairs in the order received, over the bytes they
+/// were read from; names compare case-insensitively. The proxy's own exchange hands over the head
+/// it read as it is, without building a `HeaderMap` only to compare it.
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    bytes: Bytes,
+    /// (name start, name length, value start, value length) in `bytes`.
+    spans: Vec<[usize; 4]>,
+}
+
+impl Fields {
+    /// Fields over `bytes`; each span is (name start, name length, value start, value length).
+    /// Spans outside `bytes` are left out.
+    pub fn from_spans(bytes: Bytes, mut spans: Vec<[usize; 4]>) -> Fields {
+        let len = bytes.len();
+        spans.retain(|[n, nl, v, vl]| n + nl <= len && v + vl <= len);
+        Fields { bytes, spans }
+    }
+
+    pub fn from_map(map: &HeaderMap) -> Fields {
+        let mut bytes = BytesMut::new();
+        let mut spans = Vec::with_capacity(map.len());
+        for (name, value) in map {
+            let n = bytes.len();
+            bytes.extend_from_slice(name.as_str().as_bytes());
+            let v = bytes.len();
+            bytes.extend_from_slice(value.as_bytes());
+            spans.push([n, v - n, v, bytes.len() - v]);
+        }
+        Fields {
+            bytes: bytes.freeze(),
+            spans,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans
+            .iter()
+            .map(|&[n, nl, v, vl]| (&self.bytes[n..n + nl], &self.bytes[v..v + vl]))
+    }
+
+    /// The first value of `name` (lowercase).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
 }
 
 /// One difference, located by an RFC 6901 pointer (or `status`, `header:NAME`, `body`).
@@ -154,31 +204,60 @@ fn compare_headers(
     ignored: &[HeaderName],
     diffs: &mut Vec<Difference>,
 ) {
-    let skip = |n: &HeaderName| ALWAYS_IGNORED.contains(&n.as_str()) || ignored.contains(n);
-    let mut names: Vec<&HeaderName> = primary
-        .headers
-        .keys()
-        .chain(shadow.headers.keys())
-        .filter(|n| !skip(n))
+    let compared = |(n, _): &(&[u8], &[u8])| {
+        !ALWAYS_IGNORED
+            .iter()
+            .any(|i| n.eq_ignore_ascii_case(i.as_bytes()))
+            && !ignored
+                .iter()
+                .any(|i| n.eq_ignore_ascii_case(i.as_str().as_bytes()))
+    };
+    let a = || primary.headers.iter().filter(compared);
+    let b = || shadow.headers.iter().filter(compared);
+    // The usual case: the same fields in the same order, found in one pass.
+    let (mut x, mut y) = (a(), b());
+    let same = loop {
+        match (x.next(), y.next()) {
+            (None, None) => break true,
+            (Some((n, v)), Some((m, w))) if n.eq_ignore_ascii_case(m) && v == w => {}
+            _ => break false,
+        }
+    };
+    if same {
+        return;
+    }
+    // Otherwise field by field: the order of different names does not matter, the order of
+    // one name's values does.
+    let mut names: Vec<String> = a()
+        .chain(b())
+        .map(|(n, _)| String::from_utf8_lossy(n).to_ascii_lowercase())
         .collect();
-    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.sort();
     names.dedup();
+    let values = |side: &Fields, name: &str| -> Vec<Vec<u8>> {
+        side.iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v.to_vec())
+            .collect()
+    };
+    let show = |v: Vec<Vec<u8>>| {
+        truncate(
+            v.iter()
+                .map(|x| String::from_utf8_lossy(x).into_owned())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    };
     for name in names {
-        let a: Vec<_> = primary.headers.get_all(name).iter().collect();
-        let b: Vec<_> = shadow.headers.get_all(name).iter().collect();
-        if a != b {
-            let show = |v: Vec<&http::HeaderValue>| {
-                truncate(
-                    v.iter()
-                        .map(|x| String::from_utf8_lossy(x.as_bytes()).into_owned())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                )
-            };
+        let (x, y) = (
+            values(&primary.headers, &name),
+            values(&shadow.headers, &name),
+        );
+        if x != y {
             diffs.push(Difference {
                 pointer: format!("header:{name}"),
-                primary: show(a),
-                shadow: show(b),
+                primary: show(x),
+                shadow: show(y),
             });
         }
     }
@@ -188,13 +267,8 @@ fn json_of(a: &Answer) -> Option<Value> {
     if a.total_len != a.body.len() as u64 || a.body.is_empty() {
         return None;
     }
-    let ct = a
-        .headers
-        .get(http::header::CONTENT_TYPE)?
-        .to_str()
-        .ok()?
-        .to_ascii_lowercase();
-    if !(ct.contains("json")) {
+    let ct = a.headers.get("content-type")?;
+    if !ct.windows(4).any(|w| w.eq_ignore_ascii_case(b"json")) {
         return None;
     }
     serde_json::from_slice(&a.body).ok()
@@ -306,7 +380,7 @@ mod tests {
         );
         Answer {
             status: 200,
-            headers,
+            headers: Fields::from_map(&headers),
             body: bytes::Bytes::copy_from_slice(body.as_bytes()),
             total_len: body.len() as u64,
         }
@@ -345,23 +419,100 @@ mod tests {
     fn status_headers_and_bytes() {
         let mut a = answer("x");
         let mut b = answer("x");
-        a.headers.insert(
+        let mut map = HeaderMap::new();
+        map.insert(
             http::header::CONTENT_TYPE,
             "text/plain".parse().expect("valid"),
         );
-        b.headers.insert(
-            http::header::CONTENT_TYPE,
-            "text/plain".parse().expect("valid"),
-        );
+        a.headers = Fields::from_map(&map);
+        b.headers = Fields::from_map(&map);
         assert!(compare(&a, &b, &[], &Ignore::default()).is_empty());
         b.status = 500;
         b.body = bytes::Bytes::from_static(b"y");
-        b.headers.insert("x-extra", "1".parse().expect("valid"));
+        map.insert("x-extra", "1".parse().expect("valid"));
+        b.headers = Fields::from_map(&map);
         let d = compare(&a, &b, &[], &Ignore::default());
         let ptrs: Vec<_> = d.iter().map(|d| d.pointer.as_str()).collect();
         assert_eq!(ptrs, ["status", "header:x-extra", "body"]);
         let ignored = [HeaderName::from_static("x-extra")];
         assert_eq!(compare(&a, &b, &ignored, &Ignore::default()).len(), 2);
+    }
+
+    /// Fields as read from the wire: (name, value) pairs over one buffer.
+    fn raw(pairs: &[(&str, &str)]) -> Fields {
+        let mut bytes = Vec::new();
+        let mut spans = Vec::new();
+        for (n, v) in pairs {
+            let at = bytes.len();
+            bytes.extend_from_slice(n.as_bytes());
+            bytes.extend_from_slice(v.as_bytes());
+            spans.push([at, n.len(), at + n.len(), v.len()]);
+        }
+        Fields::from_spans(Bytes::from(bytes), spans)
+    }
+
+    #[test]
+    fn raw_fields_compare_by_name_without_case_and_values_in_order() {
+        let mut a = answer("x");
+        let mut b = answer("x");
+        a.headers = raw(&[
+            ("Content-Type", "text/plain"),
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+            ("Date", "Mon"),
+            ("Connection", "keep-alive"),
+        ]);
+        b.headers = raw(&[
+            ("set-cookie", "a=1"),
+            ("DATE", "Tue"),
+            ("set-cookie", "b=2"),
+            ("content-type", "text/plain"),
+        ]);
+        let date = [HeaderName::from_static("date")];
+        assert!(compare(&a, &b, &date, &Ignore::default()).is_empty());
+        let d = compare(&a, &b, &[], &Ignore::default());
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            (
+                d[0].pointer.as_str(),
+                d[0].primary.as_str(),
+                d[0].shadow.as_str()
+            ),
+            ("header:date", "Mon", "Tue")
+        );
+        b.headers = raw(&[
+            ("Set-Cookie", "b=2"),
+            ("Set-Cookie", "a=1"),
+            ("Content-Type", "text/plain"),
+        ]);
+        let d = compare(&a, &b, &date, &Ignore::default());
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            (
+                d[0].pointer.as_str(),
+                d[0].primary.as_str(),
+                d[0].shadow.as_str()
+            ),
+            ("header:set-cookie", "a=1, b=2", "b=2, a=1")
+        );
+        // A span past the buffer is dropped rather than read.
+        let f = Fields::from_spans(Bytes::from_static(b"ab"), vec![[0, 1, 1, 1], [0, 1, 1, 5]]);
+        assert_eq!(f.iter().count(), 1);
+        assert_eq!(f.get("A"), Some(&b"b"[..]));
+    }
+
+    #[test]
+    fn json_bodies_are_recognised_by_a_raw_content_type() {
+        let mut a = answer(r#"{"a":1,"b":2}"#);
+        let mut b = answer(r#"{"b":2,"a":1}"#);
+        a.headers = raw(&[("Content-Type", "Application/JSON; charset=utf-8")]);
+        b.headers = a.headers.clone();
+        assert!(compare(&a, &b, &[], &Ignore::default()).is_empty());
+        b.headers = raw(&[("Content-Type", "text/plain")]);
+        a.headers = b.headers.clone();
+        let d = compare(&a, &b, &[], &Ignore::default());
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].pointer, "body");
     }
 
     #[test]

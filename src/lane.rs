@@ -34,13 +34,14 @@ use http::{Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::config::BaseUrl;
 use crate::metrics::ErrorKind;
 use crate::proxy::{error_json, error_status, replayable_status, Client, InFlight, Proxy, Route};
 use crate::routing::{visible_str, Backend, Fields};
+use crate::shadow::{PrimaryAnswer, RawMirror, ShadowTask};
 use crate::upstream::headers::{add_forwarding, new_request_id_bytes, X_REQUEST_ID};
 use crate::upstream::pool::Answer;
 use crate::upstream::{h1::Framing, BoxError, HttpUpstream, UpstreamError, VastaiUpstream};
@@ -402,6 +403,14 @@ enum Step {
     Handoff,
 }
 
+/// How a request's mirror gets the primary's answer: the lane's own mirror, already sent, through
+/// a channel; the full path's client's, started with it.
+enum Mirror {
+    Raw(oneshot::Sender<PrimaryAnswer>, crate::compare::Fields),
+    /// Boxed: rare, and four times the size of the other.
+    Full(Box<(ShadowTask, Uri, HeaderMap, HeaderMap)>),
+}
+
 /// One request on the lane.
 struct Exchange<'a> {
     proxy: &'a Proxy,
@@ -453,6 +462,23 @@ impl Exchange<'_> {
             }
         };
 
+        // A mirror on the lane's own exchange goes out with the primary, as Envoy's request
+        // mirroring does, so it holds its permit for the longer of the two exchanges rather than
+        // their sum; it is compared once the primary's answer has been relayed.
+        let (mirror, primary_tx) = match mirror {
+            Some(task) if !task.samples_noise() => {
+                match self.raw_mirror(&rt, backend, route_name, id) {
+                    Some(m) => {
+                        let (tx, rx) = oneshot::channel();
+                        proxy.shadow.start_raw(task, m, rx);
+                        (None, Some(tx))
+                    }
+                    None => (Some(task), None),
+                }
+            }
+            other => (other, None),
+        };
+
         let guard = InFlight::new(proxy.metrics.in_flight(backend));
         let first = self.send(up, id, up_head).await;
         let fallback = backend == Backend::Vastai && table.fallback;
@@ -493,28 +519,28 @@ impl Exchange<'_> {
                 let chunked = matches!(answer.head.framing, Framing::Chunked(_) | Framing::Close);
                 let expose = expose.then_some(served_by);
                 self.answer_head(out, &answer, id, expose, chunked, closing);
-                let mirrored = mirror.and_then(|task| {
-                    let copy = || {
-                        let (uri, headers) = self.mirror_request(id)?;
-                        let mut answered = answer.head.response().ok()?.into_parts().0.headers;
-                        answered.insert(&X_REQUEST_ID, HeaderValue::from_bytes(id).ok()?);
-                        Some((uri, headers, answered))
-                    };
-                    match copy() {
-                        Some((uri, headers, answered)) => Some((task, uri, headers, answered)),
-                        None => {
-                            // A target or field the mirror cannot carry (e.g. a target over
-                            // 64 KiB): counted as skipped, like any request not mirrored.
-                            proxy.shadow.skipped();
-                            None
-                        }
-                    }
-                });
+                // After a fallback the primary came from the mirror's own target: nothing to
+                // compare, and the mirror, its sender gone, counts an error.
+                let early = primary_tx.filter(|_| served_by == backend);
+                let mirrored = match early {
+                    Some(tx) => Some(Mirror::Raw(tx, answer.head.compared_fields())),
+                    None => mirror.and_then(|task| self.full_mirror(task, &answer, id)),
+                };
                 let body = up.body(answer);
                 let _guard = InFlight::new(proxy.metrics.in_flight(served_by));
                 let relayed = match mirrored {
                     None => relay(io, out, body, chunked).await,
-                    Some((task, uri, headers, answered)) => {
+                    Some(Mirror::Raw(tx, fields)) => {
+                        let (body, captured) = proxy.shadow.tee_answer(body);
+                        let _ = tx.send(PrimaryAnswer {
+                            status: status.as_u16(),
+                            fields,
+                            body: captured,
+                        });
+                        relay(io, out, body, chunked).await
+                    }
+                    Some(Mirror::Full(full)) => {
+                        let (task, uri, headers, answered) = *full;
                         let body = proxy.shadow.start(
                             task,
                             method,
@@ -557,6 +583,55 @@ impl Exchange<'_> {
         let _guard = InFlight::new(self.proxy.metrics.in_flight(Backend::Legacy));
         let res = self.send(legacy, id, up_head).await;
         (Backend::Legacy, legacy, res)
+    }
+
+    /// A mirror through the full path's client (a noise sample, or a target the lane does not
+    /// reach); `None`, counted as skipped, when the request cannot be carried that way.
+    fn full_mirror(&self, task: ShadowTask, answer: &Answer, id: &[u8]) -> Option<Mirror> {
+        let copy = || {
+            let (uri, headers) = self.mirror_request(id)?;
+            let mut answered = answer.head.response().ok()?.into_parts().0.headers;
+            answered.insert(&X_REQUEST_ID, HeaderValue::from_bytes(id).ok()?);
+            Some((uri, headers, answered))
+        };
+        match copy() {
+            Some((uri, headers, answered)) => {
+                Some(Mirror::Full(Box::new((task, uri, headers, answered))))
+            }
+            None => {
+                // A target or field the mirror cannot carry (e.g. a target over 64 KiB).
+                self.proxy.shadow.skipped();
+                None
+            }
+        }
+    }
+
+    /// The mirror of this request on vastshift's own exchange, when the backend that does not
+    /// serve it is reached over HTTP and has an address: the head the primary gets, rewritten
+    /// for that backend, with `x-vastshift-shadow: 1`.
+    fn raw_mirror(
+        &self,
+        rt: &crate::proxy::Runtime,
+        served_by: Backend,
+        route: &str,
+        id: &[u8],
+    ) -> Option<RawMirror> {
+        let target = Arc::clone(http_upstream(&rt.upstreams, served_by.other())?);
+        let base = target.target().ok()?;
+        let path = std::str::from_utf8(slice(self.buf, self.head.target)).ok()?;
+        let mut head = Vec::with_capacity(256);
+        self.upstream_head(&mut head, &target, &base, id);
+        head.truncate(head.len() - 2);
+        head.extend_from_slice(b"x-vastshift-shadow: 1\r\n\r\n");
+        Some(RawMirror {
+            target,
+            base,
+            head,
+            method: self.head.method.clone(),
+            path: path.to_string(),
+            route: route.to_string(),
+            served_by,
+        })
     }
 
     /// The request as the mirror sends it: the forwarded fields, with the client's `Host`

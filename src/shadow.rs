@@ -18,18 +18,20 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::compare::{self, Answer, Difference, Ignore};
-use crate::config::{parse_methods, Percent, ShadowConfig};
+use crate::compare::{self, Answer, Difference, Fields, Ignore};
+use crate::config::{parse_methods, BaseUrl, Percent, ShadowConfig};
 use crate::control::now_rfc3339;
 use crate::metrics::{Metrics, ShadowResult};
 use crate::routing::Backend;
 use crate::upstream::headers::X_VASTSHIFT_SHADOW;
-use crate::upstream::{full, Body, BoxError, UpstreamError, Upstreams, VastaiUpstream};
+use crate::upstream::{
+    full, Body, BoxError, HttpUpstream, UpstreamError, Upstreams, VastaiUpstream,
+};
 use crate::window::Windows;
 
 /// How many mismatches `GET /admin/shadow` keeps.
@@ -127,6 +129,42 @@ pub struct ShadowTask {
     permit: OwnedSemaphorePermit,
     noise: bool,
     request: RequestCopy,
+}
+
+impl ShadowTask {
+    /// Whether this mirror also takes a noise sample (a second call to the serving backend).
+    pub fn samples_noise(&self) -> bool {
+        self.noise
+    }
+}
+
+/// A mirror the lane sends on vastshift's own exchange: a request without a body, its head
+/// already in wire form for `target` (with `x-vastshift-shadow: 1`).
+pub struct RawMirror {
+    pub target: Arc<HttpUpstream>,
+    pub base: Arc<BaseUrl>,
+    pub head: Vec<u8>,
+    pub method: Method,
+    /// The request target as the client sent it, for the mismatch record.
+    pub path: String,
+    pub route: String,
+    pub served_by: Backend,
+}
+
+/// The primary's answer as the comparison needs it: status and fields now, the body once the
+/// client has been sent it.
+pub struct PrimaryAnswer {
+    pub status: u16,
+    pub fields: Fields,
+    pub body: oneshot::Receiver<Option<Captured>>,
+}
+
+/// Where a mirrored request came from, for a mismatch record.
+struct Origin<'a> {
+    method: &'a Method,
+    path: &'a str,
+    route: &'a str,
+    served_by: Backend,
 }
 
 enum RequestCopy {
@@ -294,6 +332,104 @@ impl Shadow {
         tee.boxed_unsync()
     }
 
+    /// Keeps a copy of the primary's answer body, up to `max_body_bytes`, as it is relayed.
+    pub fn tee_answer<B>(&self, body: B) -> (Tee<B>, oneshot::Receiver<Option<Captured>>)
+    where
+        B: http_body::Body<Data = Bytes, Error = BoxError> + Unpin,
+    {
+        Tee::new(body, self.settings.load().max_body)
+    }
+
+    /// Sends a mirror the lane built (see [`RawMirror`]) in the background; it is compared with
+    /// the primary's answer when `primary` brings it.
+    pub fn start_raw(
+        self: &Arc<Self>,
+        task: ShadowTask,
+        mirror: RawMirror,
+        primary: oneshot::Receiver<PrimaryAnswer>,
+    ) {
+        let shadow = Arc::clone(self);
+        tokio::spawn(Box::pin(async move {
+            let _permit = task.permit;
+            shadow.run_raw(mirror, primary).await;
+        }));
+    }
+
+    async fn run_raw(&self, m: RawMirror, primary: oneshot::Receiver<PrimaryAnswer>) {
+        let settings = self.settings.load_full();
+        let is_head = m.method == Method::HEAD;
+        let answer = tokio::time::timeout(
+            settings.timeout,
+            raw_call(&m.target, &m.base, &m.head, is_head, settings.max_body),
+        )
+        .await;
+        // No answer from the primary (it failed, or fell back to the mirror's target), or the
+        // client went away before its body ended: nothing to compare.
+        let Ok(primary) = primary.await else {
+            return self.outcome(ShadowResult::Error, None);
+        };
+        let primary = match primary.body.await {
+            Ok(Some(c)) => Answer {
+                status: primary.status,
+                headers: primary.fields,
+                body: c.bytes,
+                total_len: c.total,
+            },
+            _ => return self.outcome(ShadowResult::Error, None),
+        };
+        let origin = Origin {
+            method: &m.method,
+            path: m.path.split('?').next().unwrap_or(""),
+            route: &m.route,
+            served_by: m.served_by,
+        };
+        self.judge(&settings, &origin, &primary, answer);
+    }
+
+    /// Compares the primary's answer with the mirror's and records the outcome.
+    fn judge(
+        &self,
+        settings: &Settings,
+        origin: &Origin<'_>,
+        primary: &Answer,
+        shadow: Result<Result<Answer, UpstreamError>, tokio::time::error::Elapsed>,
+    ) {
+        let target = origin.served_by.other();
+        let shadow = match shadow {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                tracing::debug!(backend = target.as_str(), error = %e, "shadow request failed");
+                return self.outcome(ShadowResult::Error, None);
+            }
+            Err(_) => return self.outcome(ShadowResult::Error, None),
+        };
+        let learned = self.learned();
+        let diffs = if learned.is_empty() {
+            compare::compare(primary, &shadow, &settings.ignore_headers, &settings.ignore)
+        } else {
+            let mut ignore = settings.ignore.clone();
+            for p in &learned {
+                ignore.add(p);
+            }
+            compare::compare(primary, &shadow, &settings.ignore_headers, &ignore)
+        };
+        if diffs.is_empty() {
+            return self.outcome(ShadowResult::Match, None);
+        }
+        let m = Mismatch {
+            at: now_rfc3339(),
+            method: origin.method.to_string(),
+            path: origin.path.to_string(),
+            route: origin.route.to_string(),
+            primary_backend: origin.served_by.as_str(),
+            primary_status: primary.status,
+            shadow_backend: target.as_str(),
+            shadow_status: shadow.status,
+            differences: diffs,
+        };
+        self.outcome(ShadowResult::Mismatch, Some(m));
+    }
+
     pub fn document(&self) -> ShadowDocument {
         let m = &self.metrics;
         let matched = m.shadow_count(ShadowResult::Match);
@@ -405,7 +541,7 @@ impl Job {
         let primary = match self.primary_body.await {
             Ok(Some(c)) => Answer {
                 status: self.primary_status,
-                headers: std::mem::take(&mut self.primary_headers),
+                headers: Fields::from_map(&self.primary_headers),
                 body: c.bytes,
                 total_len: c.total,
             },
@@ -424,35 +560,14 @@ impl Job {
                 .collect();
             self.shadow.learn(learned);
         }
-        let shadow = match shadow_answer {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                tracing::debug!(backend = target.as_str(), error = %e, "shadow request failed");
-                return self.shadow.outcome(ShadowResult::Error, None);
-            }
-            Err(_) => return self.shadow.outcome(ShadowResult::Error, None),
+        let origin = Origin {
+            method: &self.method,
+            path: self.uri.path(),
+            route: &self.route,
+            served_by: self.served_by,
         };
-        let mut ignore = settings.ignore.clone();
-        for p in self.shadow.learned() {
-            ignore.add(&p);
-        }
-        let diffs = compare::compare(&primary, &shadow, &settings.ignore_headers, &ignore);
-        if diffs.is_empty() {
-            self.shadow.outcome(ShadowResult::Match, None);
-        } else {
-            let m = Mismatch {
-                at: now_rfc3339(),
-                method: self.method.to_string(),
-                path: self.uri.path().to_string(),
-                route: self.route.clone(),
-                primary_backend: self.served_by.as_str(),
-                primary_status: primary.status,
-                shadow_backend: target.as_str(),
-                shadow_status: shadow.status,
-                differences: diffs,
-            };
-            self.shadow.outcome(ShadowResult::Mismatch, Some(m));
-        }
+        self.shadow
+            .judge(&settings, &origin, &primary, shadow_answer);
     }
 
     /// Sends the copy (`headers`, `body`) to `backend` and captures its answer up to `max` bytes.
@@ -480,28 +595,85 @@ impl Job {
             }
         };
         let (parts, incoming) = resp.into_parts();
-        let (tee, rx) = Tee::new(incoming.map_err(BoxError::from).boxed_unsync(), max);
-        // Drain the body; the tee keeps the first `max` bytes.
-        let mut tee = tee;
-        while let Some(frame) = tee.frame().await {
-            if frame.is_err() {
-                return Err(UpstreamError::new(
-                    crate::metrics::ErrorKind::Reset,
-                    "shadow body failed",
-                ));
-            }
-        }
-        drop(tee);
-        let captured = rx.await.ok().flatten().unwrap_or(Captured {
-            bytes: Bytes::new(),
-            total: 0,
-        });
+        let captured = capture(incoming.map_err(BoxError::from), max).await?;
         Ok(Answer {
             status: parts.status.as_u16(),
-            headers: parts.headers,
+            headers: Fields::from_map(&parts.headers),
             body: captured.bytes,
             total_len: captured.total,
         })
+    }
+}
+
+/// Sends a lane mirror's head to `up` and captures the answer up to `max` bytes.
+async fn raw_call(
+    up: &HttpUpstream,
+    base: &BaseUrl,
+    head: &[u8],
+    is_head: bool,
+    max: usize,
+) -> Result<Answer, UpstreamError> {
+    let answer = up.exchange(base, head, is_head, true).await?;
+    let status = answer.head.status.as_u16();
+    let headers = answer.head.compared_fields();
+    let captured = capture(up.body(answer), max).await?;
+    Ok(Answer {
+        status,
+        headers,
+        body: captured.bytes,
+        total_len: captured.total,
+    })
+}
+
+/// Reads a body to its end, keeping its first `max` bytes.
+async fn capture<B>(mut body: B, max: usize) -> Result<Captured, UpstreamError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    let mut kept = Kept::new(max);
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(UpstreamError::new(
+                crate::metrics::ErrorKind::Reset,
+                "shadow body failed",
+            ));
+        };
+        if let Some(data) = frame.data_ref() {
+            kept.push(data);
+        }
+    }
+    Ok(kept.finish())
+}
+
+/// The first `max` bytes of a body and its whole length.
+struct Kept {
+    buf: BytesMut,
+    total: u64,
+    max: usize,
+}
+
+impl Kept {
+    fn new(max: usize) -> Kept {
+        Kept {
+            buf: BytesMut::new(),
+            total: 0,
+            max,
+        }
+    }
+
+    fn push(&mut self, data: &Bytes) {
+        self.total += data.len() as u64;
+        let room = self.max.saturating_sub(self.buf.len());
+        if room > 0 {
+            self.buf.extend_from_slice(&data[..data.len().min(room)]);
+        }
+    }
+
+    fn finish(&mut self) -> Captured {
+        Captured {
+            bytes: std::mem::take(&mut self.buf).freeze(),
+            total: self.total,
+        }
     }
 }
 
@@ -517,22 +689,18 @@ fn build(method: &Method, uri: &Uri, headers: HeaderMap, body: Body) -> Request<
 /// A body wrapper that passes every frame through and keeps a copy of the first `max` bytes.
 /// When the body ends it sends what it kept; when it is dropped early it sends `None`.
 /// A body that is already at its end is captured at once (hyper never polls it).
-pub struct Tee {
-    inner: Body,
-    buf: BytesMut,
-    total: u64,
-    max: usize,
+pub struct Tee<B = Body> {
+    inner: B,
+    kept: Kept,
     tx: Option<oneshot::Sender<Option<Captured>>>,
 }
 
-impl Tee {
-    pub fn new(inner: Body, max: usize) -> (Tee, oneshot::Receiver<Option<Captured>>) {
+impl<B: http_body::Body> Tee<B> {
+    pub fn new(inner: B, max: usize) -> (Tee<B>, oneshot::Receiver<Option<Captured>>) {
         let (tx, rx) = oneshot::channel();
         let mut tee = Tee {
             inner,
-            buf: BytesMut::new(),
-            total: 0,
-            max,
+            kept: Kept::new(max),
             tx: Some(tx),
         };
         if tee.inner.is_end_stream() {
@@ -543,16 +711,12 @@ impl Tee {
 
     fn finish(&mut self) {
         if let Some(tx) = self.tx.take() {
-            let bytes = std::mem::take(&mut self.buf).freeze();
-            let _ = tx.send(Some(Captured {
-                bytes,
-                total: self.total,
-            }));
+            let _ = tx.send(Some(self.kept.finish()));
         }
     }
 }
 
-impl Drop for Tee {
+impl<B> Drop for Tee<B> {
     fn drop(&mut self) {
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(None);
@@ -560,7 +724,10 @@ impl Drop for Tee {
     }
 }
 
-impl http_body::Body for Tee {
+impl<B> http_body::Body for Tee<B>
+where
+    B: http_body::Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -573,11 +740,7 @@ impl http_body::Body for Tee {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.total += data.len() as u64;
-                    let room = this.max.saturating_sub(this.buf.len());
-                    if room > 0 {
-                        this.buf.extend_from_slice(&data[..data.len().min(room)]);
-                    }
+                    this.kept.push(data);
                 }
                 if this.inner.is_end_stream() {
                     this.finish();

@@ -293,3 +293,93 @@ async fn after_cutover_legacy_keeps_being_checked() {
         .all(|s| s.headers["x-vastshift-shadow"] == "1"));
     vs.stop().await;
 }
+
+#[tokio::test]
+async fn a_mirror_goes_out_with_the_primary_and_carries_the_forwarded_head() {
+    // Legacy answers only once vastai has the mirror (or after 3 s): a mirror sent only after
+    // the primary's answer would make every request here wait the full 3 s.
+    let mirrored = Arc::new(tokio::sync::Notify::new());
+    let seen_mirror = Arc::clone(&mirrored);
+    let vastai = Backend::start(move |_req| {
+        seen_mirror.notify_one();
+        async { respond(200, "same") }
+    })
+    .await;
+    let wait = Arc::clone(&mirrored);
+    let legacy = Backend::start(move |_req| {
+        let wait = Arc::clone(&wait);
+        async move {
+            let together = tokio::time::timeout(Duration::from_secs(3), wait.notified()).await;
+            respond(200, if together.is_ok() { "same" } else { "alone" })
+        }
+    })
+    .await;
+    let vs = Vastshift::start(&config(&legacy.url(), &vastai.url(), SHADOW_ON)).await;
+    let c = client();
+    for i in 0..3 {
+        let t0 = Instant::now();
+        let r = c
+            .get(vs.url(&format!("/items/{i}?q=1")))
+            .header("x-request-id", format!("req-{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.text().await.unwrap(),
+            "same",
+            "the mirror left with the primary"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+    let d = settled(&vs, 3).await;
+    assert_eq!(d["matched"], 3, "{d}");
+    let heads = vastai.seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 3);
+    let h = &heads[2];
+    assert_eq!(h.target, "/items/2?q=1");
+    assert_eq!(h.headers["x-vastshift-shadow"], "1");
+    assert_eq!(
+        h.headers["x-request-id"], "req-2",
+        "the mirror carries the request's id"
+    );
+    assert_eq!(h.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h.headers["via"], "1.1 vastshift");
+    assert_eq!(h.headers["host"], vastai.addr.to_string().as_str());
+    let primary = legacy.last().unwrap();
+    assert!(primary.headers.get("x-vastshift-shadow").is_none());
+    assert_eq!(primary.headers["host"], legacy.addr.to_string().as_str());
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn a_mirror_whose_primary_falls_back_to_its_target_is_an_error_not_a_comparison() {
+    let legacy = Backend::named("legacy").await;
+    let vastai = Backend::start(|_req| async { respond(503, "busy") }).await;
+    let vs = Vastshift::start(&config(
+        &legacy.url(),
+        &vastai.url(),
+        "[split]\npercent = 100\nfallback = true\n[shadow]\nenabled = true\n[guard]\nenabled = false\n",
+    ))
+    .await;
+    let c = client();
+    let r = c.get(vs.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(&r), "legacy");
+    let d = settled(&vs, 1).await;
+    assert_eq!(
+        (
+            d["errors"].as_u64(),
+            d["matched"].as_u64(),
+            d["mismatched"].as_u64()
+        ),
+        (Some(1), Some(0), Some(0)),
+        "legacy's answer is not compared with legacy's: {d}"
+    );
+    let heads = legacy.seen.lock().unwrap().clone();
+    let marked = heads
+        .iter()
+        .filter(|s| s.headers.get("x-vastshift-shadow").is_some())
+        .count();
+    assert_eq!((heads.len(), marked), (2, 1), "the fallback and the mirror");
+    vs.stop().await;
+}

@@ -155,6 +155,17 @@ impl Head {
         })
     }
 
+    /// The end-to-end fields over the head's own bytes, for the parallel run's comparison.
+    pub fn compared_fields(&self) -> crate::compare::Fields {
+        let spans = self
+            .spans
+            .iter()
+            .filter(|s| s.keep)
+            .map(|s| [s.name.0, s.name.1, s.value.0, s.value.1])
+            .collect();
+        crate::compare::Fields::from_spans(self.bytes.clone(), spans)
+    }
+
     /// The head as an `http::Response`, for the request path built on hyper.
     pub fn response(&self) -> Result<Response<()>, ExchangeError> {
         let mut headers = HeaderMap::with_capacity(self.spans.len());
