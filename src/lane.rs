@@ -34,7 +34,7 @@ use http::{Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::BaseUrl;
@@ -403,12 +403,11 @@ enum Step {
     Handoff,
 }
 
-/// How a request's mirror gets the primary's answer: the lane's own mirror, already sent, through
-/// a channel; the full path's client's, started with it.
+/// How a request is mirrored: on the lane's own exchange, or through the full path's client (a
+/// noise sample, or a target the lane does not reach).
 enum Mirror {
-    Raw(oneshot::Sender<PrimaryAnswer>, crate::compare::Fields),
-    /// Boxed: rare, and four times the size of the other.
-    Full(Box<(ShadowTask, Uri, HeaderMap, HeaderMap)>),
+    Raw(ShadowTask, RawMirror, crate::compare::Fields),
+    Full(ShadowTask, Uri, HeaderMap, HeaderMap),
 }
 
 /// One request on the lane.
@@ -462,23 +461,6 @@ impl Exchange<'_> {
             }
         };
 
-        // A mirror on the lane's own exchange goes out with the primary, as Envoy's request
-        // mirroring does, so it holds its permit for the longer of the two exchanges rather than
-        // their sum; it is compared once the primary's answer has been relayed.
-        let (mirror, primary_tx) = match mirror {
-            Some(task) if !task.samples_noise() => {
-                match self.raw_mirror(&rt, backend, route_name, id) {
-                    Some(m) => {
-                        let (tx, rx) = oneshot::channel();
-                        proxy.shadow.start_raw(task, m, rx);
-                        (None, Some(tx))
-                    }
-                    None => (Some(task), None),
-                }
-            }
-            other => (other, None),
-        };
-
         let guard = InFlight::new(proxy.metrics.in_flight(backend));
         let first = self.send(up, id, up_head).await;
         let fallback = backend == Backend::Vastai && table.fallback;
@@ -519,28 +501,38 @@ impl Exchange<'_> {
                 let chunked = matches!(answer.head.framing, Framing::Chunked(_) | Framing::Close);
                 let expose = expose.then_some(served_by);
                 self.answer_head(out, &answer, id, expose, chunked, closing);
-                // After a fallback the primary came from the mirror's own target: nothing to
-                // compare, and the mirror, its sender gone, counts an error.
-                let early = primary_tx.filter(|_| served_by == backend);
-                let mirrored = match early {
-                    Some(tx) => Some(Mirror::Raw(tx, answer.head.compared_fields())),
-                    None => mirror.and_then(|task| self.full_mirror(task, &answer, id)),
+                // The mirror leaves once the primary has answered, so that its work never sits
+                // between the client's request and its answer. After a fallback the primary
+                // came from the mirror's own target: nothing to compare, counted as an error.
+                let mirrored = match mirror {
+                    Some(task) if served_by != backend => {
+                        proxy.shadow.unanswered(task);
+                        None
+                    }
+                    Some(task) if !task.samples_noise() => {
+                        match self.raw_mirror(&rt, served_by, route_name, id) {
+                            Some(m) => Some(Mirror::Raw(task, m, answer.head.compared_fields())),
+                            None => self.full_mirror(task, &answer, id),
+                        }
+                    }
+                    Some(task) => self.full_mirror(task, &answer, id),
+                    None => None,
                 };
                 let body = up.body(answer);
                 let _guard = InFlight::new(proxy.metrics.in_flight(served_by));
                 let relayed = match mirrored {
                     None => relay(io, out, body, chunked).await,
-                    Some(Mirror::Raw(tx, fields)) => {
+                    Some(Mirror::Raw(task, m, fields)) => {
                         let (body, captured) = proxy.shadow.tee_answer(body);
-                        let _ = tx.send(PrimaryAnswer {
+                        let primary = PrimaryAnswer {
                             status: status.as_u16(),
                             fields,
                             body: captured,
-                        });
+                        };
+                        proxy.shadow.start_raw(task, m, primary);
                         relay(io, out, body, chunked).await
                     }
-                    Some(Mirror::Full(full)) => {
-                        let (task, uri, headers, answered) = *full;
+                    Some(Mirror::Full(task, uri, headers, answered)) => {
                         let body = proxy.shadow.start(
                             task,
                             method,
@@ -559,6 +551,9 @@ impl Exchange<'_> {
                 step(relayed)
             }
             Err(e) => {
+                if let Some(task) = mirror {
+                    proxy.shadow.unanswered(task);
+                }
                 proxy.record_error(served_by, label, &e, start);
                 tracing::debug!(backend = served_by.as_str(), kind = e.kind.as_str(), error = %e, "upstream request failed");
                 self.error(out, &e, served_by, id, closing);
@@ -595,9 +590,7 @@ impl Exchange<'_> {
             Some((uri, headers, answered))
         };
         match copy() {
-            Some((uri, headers, answered)) => {
-                Some(Mirror::Full(Box::new((task, uri, headers, answered))))
-            }
+            Some((uri, headers, answered)) => Some(Mirror::Full(task, uri, headers, answered)),
             None => {
                 // A target or field the mirror cannot carry (e.g. a target over 64 KiB).
                 self.proxy.shadow.skipped();
@@ -606,8 +599,8 @@ impl Exchange<'_> {
         }
     }
 
-    /// The mirror of this request on vastshift's own exchange, when the backend that does not
-    /// serve it is reached over HTTP and has an address: the head the primary gets, rewritten
+    /// The mirror of this request on vastshift's own exchange, when the backend that did not
+    /// serve it is reached over HTTP and has an address: the head the primary got, rewritten
     /// for that backend, with `x-vastshift-shadow: 1`.
     fn raw_mirror(
         &self,

@@ -292,6 +292,14 @@ impl Proxy {
         };
         drop(guard);
 
+        // After a fallback the primary came from the mirror's own target: nothing to compare.
+        let shadow_tee = match shadow_tee {
+            Some(task) if result.is_err() || served_by != backend => {
+                self.shadow.unanswered(task);
+                None
+            }
+            other => other,
+        };
         match result {
             Ok(resp) => {
                 let mirror = shadow_tee

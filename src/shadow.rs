@@ -3,9 +3,12 @@
 //! A sampled, eligible request gets a permit from a semaphore of `max_in_flight` (none free:
 //! dropped and counted, never queued). Its body streams to the primary while a [`Tee`] keeps a
 //! copy up to `max_body_bytes`; the primary's response is teed the same way on its way to the
-//! client. A background task sends the copy, with `x-vastshift-shadow: 1`, to the other backend
-//! under `shadow.timeout_ms`, and compares the two answers. The client's response is never
-//! delayed, changed or failed by any of this.
+//! client. Once the primary has answered, a background task sends the copy, with
+//! `x-vastshift-shadow: 1`, to the other backend under `shadow.timeout_ms`, and compares the two
+//! answers. A request without a body on the lane is mirrored on vastshift's own exchange: the
+//! head the primary got, rewritten for the other backend ([`RawMirror`]), and the answers'
+//! fields compared as read. The client's response is never delayed, changed or failed by any of
+//! this; a mirror whose primary failed, or fell back to the mirror's own target, is an error.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::pin::Pin;
@@ -124,7 +127,7 @@ pub enum ShadowPlan {
     },
 }
 
-/// A request that will be mirrored once the primary has answered.
+/// A request that will be mirrored: its permit, and its body as far as the proxy has it.
 pub struct ShadowTask {
     permit: OwnedSemaphorePermit,
     noise: bool,
@@ -151,7 +154,7 @@ pub struct RawMirror {
     pub served_by: Backend,
 }
 
-/// The primary's answer as the comparison needs it: status and fields now, the body once the
+/// The primary's answer as the comparison needs it: status and fields, and the body once the
 /// client has been sent it.
 pub struct PrimaryAnswer {
     pub status: u16,
@@ -254,6 +257,13 @@ impl Shadow {
         ShadowPlan::Mirror { permit, noise }
     }
 
+    /// A planned mirror with no primary answer to compare with: the primary failed, or fell
+    /// back to the mirror's own target. Counted as an error, as the lane's mirrors are.
+    pub fn unanswered(&self, task: ShadowTask) {
+        drop(task);
+        self.metrics.shadow(ShadowResult::Error);
+    }
+
     /// A planned mirror that could not be sent as it is; counted as skipped.
     pub fn skipped(&self) {
         self.metrics.shadow(ShadowResult::Skipped);
@@ -340,13 +350,13 @@ impl Shadow {
         Tee::new(body, self.settings.load().max_body)
     }
 
-    /// Sends a mirror the lane built (see [`RawMirror`]) in the background; it is compared with
-    /// the primary's answer when `primary` brings it.
+    /// Sends a mirror the lane built (see [`RawMirror`]) in the background and compares its
+    /// answer with the primary's.
     pub fn start_raw(
         self: &Arc<Self>,
         task: ShadowTask,
         mirror: RawMirror,
-        primary: oneshot::Receiver<PrimaryAnswer>,
+        primary: PrimaryAnswer,
     ) {
         let shadow = Arc::clone(self);
         tokio::spawn(Box::pin(async move {
@@ -355,7 +365,7 @@ impl Shadow {
         }));
     }
 
-    async fn run_raw(&self, m: RawMirror, primary: oneshot::Receiver<PrimaryAnswer>) {
+    async fn run_raw(&self, m: RawMirror, primary: PrimaryAnswer) {
         let settings = self.settings.load_full();
         let is_head = m.method == Method::HEAD;
         let answer = tokio::time::timeout(
@@ -363,11 +373,6 @@ impl Shadow {
             raw_call(&m.target, &m.base, &m.head, is_head, settings.max_body),
         )
         .await;
-        // No answer from the primary (it failed, or fell back to the mirror's target), or the
-        // client went away before its body ended: nothing to compare.
-        let Ok(primary) = primary.await else {
-            return self.outcome(ShadowResult::Error, None);
-        };
         let primary = match primary.body.await {
             Ok(Some(c)) => Answer {
                 status: primary.status,
@@ -375,6 +380,7 @@ impl Shadow {
                 body: c.bytes,
                 total_len: c.total,
             },
+            // The client went away before the primary's body ended: nothing to compare.
             _ => return self.outcome(ShadowResult::Error, None),
         };
         let origin = Origin {

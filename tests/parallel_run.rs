@@ -6,7 +6,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -295,44 +295,50 @@ async fn after_cutover_legacy_keeps_being_checked() {
 }
 
 #[tokio::test]
-async fn a_mirror_goes_out_with_the_primary_and_carries_the_forwarded_head() {
-    // Legacy answers only once vastai has the mirror (or after 3 s): a mirror sent only after
-    // the primary's answer would make every request here wait the full 3 s.
-    let mirrored = Arc::new(tokio::sync::Notify::new());
-    let seen_mirror = Arc::clone(&mirrored);
-    let vastai = Backend::start(move |_req| {
-        seen_mirror.notify_one();
+async fn a_mirror_carries_the_forwarded_head_and_leaves_after_the_primary_answered() {
+    let answered = Arc::new(AtomicU64::new(0));
+    let at_primary = Arc::clone(&answered);
+    let legacy = Backend::start(move |req| {
+        if req
+            .headers()
+            .get("user-agent")
+            .is_none_or(|v| v != "vastshift-health")
+        {
+            at_primary.fetch_add(1, Ordering::SeqCst);
+        }
         async { respond(200, "same") }
     })
     .await;
-    let wait = Arc::clone(&mirrored);
-    let legacy = Backend::start(move |_req| {
-        let wait = Arc::clone(&wait);
-        async move {
-            let together = tokio::time::timeout(Duration::from_secs(3), wait.notified()).await;
-            respond(200, if together.is_ok() { "same" } else { "alone" })
+    // How many primaries had been answered when each mirror arrived.
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let (at_mirror, seen_order) = (Arc::clone(&answered), Arc::clone(&order));
+    let vastai = Backend::start(move |req| {
+        let n = at_mirror.load(Ordering::SeqCst);
+        if req.headers().contains_key("x-vastshift-shadow") {
+            seen_order.lock().unwrap().push(n);
         }
+        async { respond(200, "same") }
     })
     .await;
     let vs = Vastshift::start(&config(&legacy.url(), &vastai.url(), SHADOW_ON)).await;
     let c = client();
     for i in 0..3 {
-        let t0 = Instant::now();
         let r = c
             .get(vs.url(&format!("/items/{i}?q=1")))
             .header("x-request-id", format!("req-{i}"))
             .send()
             .await
             .unwrap();
-        assert_eq!(
-            r.text().await.unwrap(),
-            "same",
-            "the mirror left with the primary"
-        );
-        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(r.text().await.unwrap(), "same");
+        settled(&vs, i + 1).await;
     }
     let d = settled(&vs, 3).await;
     assert_eq!(d["matched"], 3, "{d}");
+    assert_eq!(
+        *order.lock().unwrap(),
+        [1, 2, 3],
+        "each primary answered before its mirror"
+    );
     let heads = vastai.seen.lock().unwrap().clone();
     assert_eq!(heads.len(), 3);
     let h = &heads[2];
@@ -352,7 +358,7 @@ async fn a_mirror_goes_out_with_the_primary_and_carries_the_forwarded_head() {
 }
 
 #[tokio::test]
-async fn a_mirror_whose_primary_falls_back_to_its_target_is_an_error_not_a_comparison() {
+async fn a_mirror_whose_primary_falls_back_to_its_target_is_not_sent_and_counts_an_error() {
     let legacy = Backend::named("legacy").await;
     let vastai = Backend::start(|_req| async { respond(503, "busy") }).await;
     let vs = Vastshift::start(&config(
@@ -376,10 +382,39 @@ async fn a_mirror_whose_primary_falls_back_to_its_target_is_an_error_not_a_compa
         "legacy's answer is not compared with legacy's: {d}"
     );
     let heads = legacy.seen.lock().unwrap().clone();
-    let marked = heads
-        .iter()
-        .filter(|s| s.headers.get("x-vastshift-shadow").is_some())
-        .count();
-    assert_eq!((heads.len(), marked), (2, 1), "the fallback and the mirror");
+    assert_eq!(heads.len(), 1, "the fallback, and no mirror");
+    assert!(heads[0].headers.get("x-vastshift-shadow").is_none());
+    assert_eq!(vastai.count(), 1, "vastai got the primary only");
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn a_mirror_whose_primary_fails_counts_as_an_error_on_either_path() {
+    let legacy = Backend::named("legacy").await;
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let vs = Vastshift::start(&config(
+        &legacy.url(),
+        &dead_url,
+        "[split]\npercent = 100\nfallback = false\n[shadow]\nenabled = true\nmethods = [\"GET\", \"PUT\"]\n[guard]\nenabled = false\n",
+    ))
+    .await;
+    let c = client();
+    // Without a body (the lane's own mirror), then with one (the full path's).
+    let r = c.get(vs.url("/a")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let r = c.put(vs.url("/b")).body("x").send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let d = settled(&vs, 2).await;
+    assert_eq!(
+        (
+            d["errors"].as_u64(),
+            d["matched"].as_u64(),
+            d["mismatched"].as_u64()
+        ),
+        (Some(2), Some(0), Some(0)),
+        "{d}"
+    );
     vs.stop().await;
 }
