@@ -263,6 +263,8 @@ fn parse(buf: &[u8], fields: &mut Vec<Field>) -> Parse {
             16 if is(b"x-forwarded-host") => Role::ForwardedHost,
             17 if is(b"transfer-encoding") => return Parse::Handoff,
             17 if is(b"x-forwarded-proto") => Role::Drop,
+            // Only the proxy's own mirrors carry the shadow marker; a client's is removed.
+            18 if is(b"x-vastshift-shadow") => Role::Drop,
             _ => Role::Pass,
         };
         fields.push(Field {
@@ -501,9 +503,9 @@ impl Exchange<'_> {
                 let chunked = matches!(answer.head.framing, Framing::Chunked(_) | Framing::Close);
                 let expose = expose.then_some(served_by);
                 self.answer_head(out, &answer, id, expose, chunked, closing);
-                // The mirror leaves once the primary has answered, so that its work never sits
-                // between the client's request and its answer. After a fallback the primary
-                // came from the mirror's own target: nothing to compare, counted as an error.
+                // The mirror leaves once the primary's answer has arrived, not while the primary
+                // is under way. After a fallback the primary came from the mirror's own target:
+                // nothing to compare, counted as an error.
                 let mirrored = match mirror {
                     Some(task) if served_by != backend => {
                         proxy.shadow.unanswered(task);

@@ -28,7 +28,7 @@ use crate::routing::{Backend, RouteRef, RoutingTable};
 use crate::shadow::{Shadow, ShadowTask};
 use crate::upstream::headers::{
     add_forwarding, request_id, strip_hop_by_hop, upgrade_protocol, X_REQUEST_ID,
-    X_VASTSHIFT_BACKEND,
+    X_VASTSHIFT_BACKEND, X_VASTSHIFT_SHADOW,
 };
 use crate::upstream::{
     full, Body, BoxError, HttpUpstream, UpstreamBody, UpstreamError, Upstreams, VastaiUpstream,
@@ -189,6 +189,8 @@ impl Proxy {
         let host = parts.headers.get(header::HOST).cloned();
         let upgrade = upgrade_protocol(&parts.headers);
         strip_hop_by_hop(&mut parts.headers);
+        // Only the proxy's own mirrors carry the shadow marker; a client's is removed.
+        parts.headers.remove(&X_VASTSHIFT_SHADOW);
         // Room for the forwarding headers, x-request-id and Host, in one allocation.
         parts.headers.reserve(6);
         add_forwarding(&mut parts.headers, &client.ip_header, host);

@@ -3,12 +3,14 @@
 //! A sampled, eligible request gets a permit from a semaphore of `max_in_flight` (none free:
 //! dropped and counted, never queued). Its body streams to the primary while a [`Tee`] keeps a
 //! copy up to `max_body_bytes`; the primary's response is teed the same way on its way to the
-//! client. Once the primary has answered, a background task sends the copy, with
+//! client. Once the primary's answer has arrived, a background task sends the copy, with
 //! `x-vastshift-shadow: 1`, to the other backend under `shadow.timeout_ms`, and compares the two
 //! answers. A request without a body on the lane is mirrored on vastshift's own exchange: the
 //! head the primary got, rewritten for the other backend ([`RawMirror`]), and the answers'
-//! fields compared as read. The client's response is never delayed, changed or failed by any of
-//! this; a mirror whose primary failed, or fell back to the mirror's own target, is an error.
+//! fields compared as read; noise samples, and a target reached over Serverless or without an
+//! address yet, take hyper's client instead. The client's response is never delayed, changed or
+//! failed by any of this; a mirror whose primary failed, or fell back to the mirror's own
+//! target, is not sent and counts as an error.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::pin::Pin;
@@ -258,7 +260,7 @@ impl Shadow {
     }
 
     /// A planned mirror with no primary answer to compare with: the primary failed, or fell
-    /// back to the mirror's own target. Counted as an error, as the lane's mirrors are.
+    /// back to the mirror's own target. Not sent; counted as an error.
     pub fn unanswered(&self, task: ShadowTask) {
         drop(task);
         self.metrics.shadow(ShadowResult::Error);
