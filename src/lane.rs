@@ -409,7 +409,7 @@ enum Step {
 /// noise sample, or a target the lane does not reach).
 enum Mirror {
     Raw(ShadowTask, RawMirror, crate::compare::Fields),
-    Full(ShadowTask, Uri, HeaderMap, HeaderMap),
+    Full(ShadowTask, Uri, HeaderMap, crate::compare::Fields),
 }
 
 /// One request on the lane.
@@ -585,14 +585,13 @@ impl Exchange<'_> {
     /// A mirror through the full path's client (a noise sample, or a target the lane does not
     /// reach); `None`, counted as skipped, when the request cannot be carried that way.
     fn full_mirror(&self, task: ShadowTask, answer: &Answer, id: &[u8]) -> Option<Mirror> {
-        let copy = || {
-            let (uri, headers) = self.mirror_request(id)?;
-            let mut answered = answer.head.response().ok()?.into_parts().0.headers;
-            answered.insert(&X_REQUEST_ID, HeaderValue::from_bytes(id).ok()?);
-            Some((uri, headers, answered))
-        };
-        match copy() {
-            Some((uri, headers, answered)) => Some(Mirror::Full(task, uri, headers, answered)),
+        match self.mirror_request(id) {
+            Some((uri, headers)) => Some(Mirror::Full(
+                task,
+                uri,
+                headers,
+                answer.head.compared_fields(),
+            )),
             None => {
                 // A target or field the mirror cannot carry (e.g. a target over 64 KiB).
                 self.proxy.shadow.skipped();

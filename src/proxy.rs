@@ -508,7 +508,7 @@ impl Proxy {
                     route,
                     backend,
                     status,
-                    parts.headers.clone(),
+                    crate::compare::Fields::from_map(&parts.headers),
                     inner,
                     rt,
                 )

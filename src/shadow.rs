@@ -320,7 +320,7 @@ impl Shadow {
         route: &str,
         served_by: Backend,
         status: u16,
-        response_headers: HeaderMap,
+        response_headers: Fields,
         response_body: Body,
         upstreams: Arc<crate::proxy::Runtime>,
     ) -> Body {
@@ -502,7 +502,7 @@ struct Job {
     route: String,
     served_by: Backend,
     primary_status: u16,
-    primary_headers: HeaderMap,
+    primary_headers: Fields,
     primary_body: oneshot::Receiver<Option<Captured>>,
     runtime: Arc<crate::proxy::Runtime>,
 }
@@ -549,7 +549,7 @@ impl Job {
         let primary = match self.primary_body.await {
             Ok(Some(c)) => Answer {
                 status: self.primary_status,
-                headers: Fields::from_map(&self.primary_headers),
+                headers: std::mem::take(&mut self.primary_headers),
                 body: c.bytes,
                 total_len: c.total,
             },
