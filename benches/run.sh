@@ -59,7 +59,7 @@ trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 B1=$(free_port); B2=$(free_port); NG=$(free_port); HA=$(free_port)
 VS=$(free_port); VSA=$(free_port); SH=$(free_port); SHA=$(free_port); CG=$(free_port); CGA=$(free_port)
-SHX=$(free_port); SHXA=$(free_port)
+SHX=$(free_port); SHXA=$(free_port); NGM=$(free_port)
 on_server() { exec taskset -c "$SERVER_CPU" "$@"; }  # always backgrounded: $! is the server
 on_load() { taskset -c "$LOAD_CPU" "$@"; }
 
@@ -95,6 +95,23 @@ http {
     listen 127.0.0.1:$NG;
     location / {
       proxy_pass http://split;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+  # The same split with nginx's own request mirroring at 100 %: the reference for the parallel
+  # run's cost (nginx sends each mirror and discards its answer; it compares nothing).
+  server {
+    listen 127.0.0.1:$NGM;
+    location / {
+      mirror /mirror;
+      proxy_pass http://split;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+    location = /mirror {
+      internal;
+      proxy_pass http://split\$request_uri;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
     }
@@ -158,7 +175,7 @@ on_server "$BIN" serve --worker-threads 1 --config "$work/shadow.toml" & SH_PID=
 on_server "$BIN" serve --worker-threads 1 --config "$work/shadow-all.toml" & pids+=($!)
 
 wait_port() { for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never answered" >&2; exit 1; }
-for p in $B1 $B2 $NG $HA $VS $SH $SHX; do wait_port "$p"; done
+for p in $B1 $B2 $NG $NGM $HA $VS $SH $SHX; do wait_port "$p"; done
 rss_kib() { awk -v k="$2" '$1==k":" {print $2}' "/proc/$1/status"; }
 IDLE_RSS=$(rss_kib "$VS_PID" VmRSS)
 
@@ -201,7 +218,7 @@ EOF
 names=(direct vastshift nginx haproxy)
 ports=($B1 $VS $NG $HA)
 echo "warming up..." >&2
-for p in "${ports[@]}" $SH $SHX; do run_wrk warm "$p" 2 >/dev/null; done
+for p in "${ports[@]}" $SH $SHX $NGM; do run_wrk warm "$p" 2 >/dev/null; done
 
 results="$work/results.txt"
 : > "$results"
@@ -220,16 +237,18 @@ LOAD_HWM=$(rss_kib "$VS_PID" VmHWM)
 # were mirrored (requests counted minus mirrors dropped, from the proxy's own metrics).
 shadow_results="$work/shadow.txt"
 : > "$shadow_results"
-sh_names=(shadow-off shadow shadow-all)
-sh_ports=($VS $SH $SHX)
-sh_admin=($VSA $SHA $SHXA)
-counts() { # admin port -> "requests dropped"
+# nginx without and with its `mirror` at 100 % run in the same rotation, as the reference.
+sh_names=(shadow-off shadow shadow-all nginx nginx-mirror)
+sh_ports=($VS $SH $SHX $NG $NGM)
+sh_admin=($VSA $SHA $SHXA "" "")
+counts() { # admin port -> "requests dropped" (nginx counts neither: "0 0")
+  [ -n "$1" ] || { echo "0 0"; return; }
   curl -s "http://127.0.0.1:$1/metrics" | awk '/^vastshift_requests_total/ {r += $2}
     /^vastshift_shadow_requests_total\{result="dropped"\}/ {d = $2} END {printf "%d %d", r, d}'
 }
 for r in $(seq 1 "$SHADOW_ROUNDS"); do
-  for j in 0 1 2; do
-    i=$(( (j + r) % 3 ))
+  for j in 0 1 2 3 4; do
+    i=$(( (j + r) % 5 ))
     read -r q0 d0 <<< "$(counts "${sh_admin[$i]}")"
     line=$(run_wrk "${sh_names[$i]}" "${sh_ports[$i]}" "$LAT_DURATION")
     read -r q1 d1 <<< "$(counts "${sh_admin[$i]}")"
@@ -399,6 +418,15 @@ for n, label in [("shadow-off", "shadow off"), ("shadow", "shadow at 100 %, defa
     out.append(f"| {label} | {statistics.median(d[r][0] for r in sh_keep):,.0f} | {statistics.median(d[r][2] for r in sh_keep):.2f} | {mirrored} | "
                f"**{statistics.median(d[r][0] / off[r][0] for r in sh_keep):.2f}x** | {statistics.median(d[r][2] / off[r][2] for r in sh_keep):.2f}x | "
                f"{sum(d[r][3] for r in sh_keep)} |")
+ng, ngm = sh["nginx"], sh["nginx-mirror"]
+out.append(f"| nginx, no mirror (reference) | {statistics.median(ng[r][0] for r in sh_keep):,.0f} | "
+           f"{statistics.median(ng[r][2] for r in sh_keep):.2f} |  |  |  | {sum(ng[r][3] for r in sh_keep)} |")
+out.append(f"| nginx with `mirror` at 100 % (answers not compared) | {statistics.median(ngm[r][0] for r in sh_keep):,.0f} | "
+           f"{statistics.median(ngm[r][2] for r in sh_keep):.2f} | 100 % | **{statistics.median(ngm[r][0] / ng[r][0] for r in sh_keep):.2f}x** of nginx's | "
+           f"{statistics.median(ngm[r][2] / ng[r][2] for r in sh_keep):.2f}x of nginx's | {sum(ngm[r][3] for r in sh_keep)} |")
+out.append("")
+out.append(f"- vastshift mirroring and comparing every request / nginx mirroring every request: "
+           f"**{statistics.median(sh['shadow-all'][r][0] / ngm[r][0] for r in sh_keep):.2f}x** throughput (median of per-round ratios)")
 out.append("")
 rate_keep = [r for r in range(2, int(rate_rounds) + 1)] or [1]
 for kind, title in [("rate", f"Added latency over direct at about {rate} requests/s ({conns} connections, random wait between requests)"),
