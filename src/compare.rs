@@ -172,20 +172,16 @@ pub fn compare(
         });
     }
     compare_headers(primary, shadow, ignore_headers, &mut diffs);
-    // The same bytes are the same JSON: parse only bodies that differ.
-    if primary.total_len == shadow.total_len && primary.body == shadow.body {
-        return diffs;
-    }
-    match (json_of(primary), json_of(shadow)) {
-        (Some(a), Some(b)) => json_diff(&a, &b, &mut Vec::new(), ignore, &mut diffs),
-        _ => {
-            if primary.body != shadow.body || primary.total_len != shadow.total_len {
-                diffs.push(Difference {
-                    pointer: "body".into(),
-                    primary: truncate(format!("{} bytes", primary.total_len)),
-                    shadow: truncate(format!("{} bytes", shadow.total_len)),
-                });
-            }
+    // The same bytes are the same JSON: only bodies that differ are parsed.
+    let same_body = primary.total_len == shadow.total_len && primary.body == shadow.body;
+    if !same_body {
+        match (json_of(primary), json_of(shadow)) {
+            (Some(a), Some(b)) => json_diff(&a, &b, &mut Vec::new(), ignore, &mut diffs),
+            _ => diffs.push(Difference {
+                pointer: "body".into(),
+                primary: truncate(format!("{} bytes", primary.total_len)),
+                shadow: truncate(format!("{} bytes", shadow.total_len)),
+            }),
         }
     }
     diffs.truncate(MAX_DIFFS);
@@ -450,6 +446,55 @@ mod tests {
         assert_eq!(ptrs, ["status", "header:x-extra", "body"]);
         let ignored = [HeaderName::from_static("x-extra")];
         assert_eq!(compare(&a, &b, &ignored, &Ignore::default()).len(), 2);
+    }
+
+    #[test]
+    fn differences_are_capped_when_bodies_are_identical() {
+        let mut a = answer("x");
+        let mut b = answer("x");
+        let names: Vec<String> = (0..12).map(|i| format!("x-h{i:02}")).collect();
+        a.headers = raw(&names.iter().map(|n| (n.as_str(), "1")).collect::<Vec<_>>());
+        b.headers = raw(&names.iter().map(|n| (n.as_str(), "2")).collect::<Vec<_>>());
+        b.status = 500;
+        let d = compare(&a, &b, &[], &Ignore::default());
+        assert_eq!(d.len(), MAX_DIFFS);
+        assert_eq!(
+            (d[0].pointer.as_str(), d[1].pointer.as_str()),
+            ("status", "header:x-h00")
+        );
+    }
+
+    #[test]
+    fn identical_bytes_and_fields_still_see_lengths_and_extra_fields() {
+        let mut a = answer(r#"{"at":1}"#);
+        let mut b = a.clone();
+        (a.total_len, b.total_len) = (100, 101);
+        let d = compare(&a, &b, &[], &Ignore::default());
+        assert_eq!(
+            (
+                d[0].pointer.as_str(),
+                d[0].primary.as_str(),
+                d[0].shadow.as_str()
+            ),
+            ("body", "100 bytes", "101 bytes")
+        );
+        b.total_len = 100;
+        assert!(compare(&a, &b, &[], &Ignore::default()).is_empty());
+        let date = [HeaderName::from_static("date")];
+        a.headers = raw(&[("Date", "Mon"), ("X-A", "1"), ("X-A", "2")]);
+        b.headers = raw(&[("date", "Mon"), ("x-a", "1"), ("x-a", "2")]);
+        assert!(compare(&a, &b, &[], &Ignore::default()).is_empty());
+        b.headers = raw(&[("date", "Mon"), ("x-a", "1"), ("x-a", "2"), ("Date", "Tue")]);
+        assert!(compare(&a, &b, &date, &Ignore::default()).is_empty());
+        assert_eq!(
+            compare(&a, &b, &[], &Ignore::default())[0].pointer,
+            "header:date"
+        );
+        b.headers = raw(&[("date", "Mon"), ("x-a", "1"), ("x-a", "2"), ("x-b", "3")]);
+        assert_eq!(
+            compare(&a, &b, &date, &Ignore::default())[0].pointer,
+            "header:x-b"
+        );
     }
 
     /// Fields as read from the wire: (name, value) pairs over one buffer.
