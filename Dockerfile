@@ -10,6 +10,8 @@ WORKDIR /src
 # Dependencies first, in their own layer: build them against a placeholder crate so that an
 # edit under src/ only rebuilds vastshift itself, not the ~200 crates it depends on.
 COPY Cargo.toml Cargo.lock ./
+# How mimalloc is built (transparent huge pages off): .cargo/config.toml.
+COPY .cargo ./.cargo
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
