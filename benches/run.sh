@@ -64,20 +64,26 @@ on_server() { exec taskset -c "$SERVER_CPU" "$@"; }  # always backgrounded: $! i
 on_load() { taskset -c "$LOAD_CPU" "$@"; }
 
 # ---- backends: one nginx, one worker, two ports answering 200 "ok"
-mkdir -p "$work/backends" "$work/ngproxy"
-cat > "$work/backends/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/backends/nginx.pid;
-error_log $work/backends/error.log warn;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$B1; location / { return 200 "ok"; } }
-  server { listen 127.0.0.1:$B2; location / { return 200 "ok"; } }
+ok_backends() { # dir port... -> an nginx config in dir answering 200 "ok" on each port
+  mkdir -p "$1"
+  {
+    echo "worker_processes 1;"
+    echo "daemon off;"
+    echo "pid $1/nginx.pid;"
+    echo "error_log $1/error.log warn;"
+    echo "events { worker_connections 20000; }"
+    echo "http {"
+    echo "  access_log off;"
+    echo "  keepalive_requests 1000000;"
+    local port
+    for port in "${@:2}"; do
+      echo "  server { listen 127.0.0.1:$port; location / { return 200 \"ok\"; } }"
+    done
+    echo "}"
+  } > "$1/nginx.conf"
 }
-EOF
+mkdir -p "$work/ngproxy"
+ok_backends "$work/backends" "$B1" "$B2"
 on_server nginx -c "$work/backends/nginx.conf" -p "$work/backends" & pids+=($!)
 
 # ---- nginx as the proxy
@@ -314,19 +320,7 @@ EOF
 # their work is not on the proxy's core; this case separates what mirroring costs the primary
 # in the proxy from what the second backend's work costs everything on a shared core.
 APART=$(free_port)
-mkdir -p "$work/apart"
-cat > "$work/apart/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/apart/nginx.pid;
-error_log $work/apart/error.log warn;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$APART; location / { return 200 "ok"; } }
-}
-EOF
+ok_backends "$work/apart" "$APART"
 (exec taskset -c "$LOAD_CPU" nginx -c "$work/apart/nginx.conf" -p "$work/apart") & pids+=($!)
 I4=$(free_port); I4A=$(free_port); I5=$(free_port); I5A=$(free_port)
 iso_config "$I1" "$I1A" false "$SLOW" > "$work/iso-off.toml"

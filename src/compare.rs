@@ -215,25 +215,8 @@ fn compare_headers(
     let a = || primary.headers.iter().filter(compared);
     let b = || shadow.headers.iter().filter(compared);
     // The usual case: the same fields with the same values in the same order, found in one pass
-    // without asking which are ignored.
-    let (mut x, mut y) = (primary.headers.iter(), shadow.headers.iter());
-    loop {
-        match (x.next(), y.next()) {
-            (None, None) => return,
-            (Some((n, v)), Some((m, w))) if n.eq_ignore_ascii_case(m) && v == w => {}
-            _ => break,
-        }
-    }
-    // Then the compared fields only, still in one pass.
-    let (mut x, mut y) = (a(), b());
-    let same = loop {
-        match (x.next(), y.next()) {
-            (None, None) => break true,
-            (Some((n, v)), Some((m, w))) if n.eq_ignore_ascii_case(m) && v == w => {}
-            _ => break false,
-        }
-    };
-    if same {
+    // over all of them (without asking which are ignored), or over the compared ones.
+    if same_in_order(primary.headers.iter(), shadow.headers.iter()) || same_in_order(a(), b()) {
         return;
     }
     // Otherwise field by field: the order of different names does not matter, the order of
@@ -269,6 +252,20 @@ fn compare_headers(
                 primary: show(x),
                 shadow: show(y),
             });
+        }
+    }
+}
+
+/// Whether two field sequences hold the same names (without case) with the same values, in order.
+fn same_in_order<'a>(
+    mut x: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    mut y: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+) -> bool {
+    loop {
+        match (x.next(), y.next()) {
+            (None, None) => return true,
+            (Some((n, v)), Some((m, w))) if n.eq_ignore_ascii_case(m) && v == w => {}
+            _ => return false,
         }
     }
 }
