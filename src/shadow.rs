@@ -372,7 +372,7 @@ impl Shadow {
         let is_head = m.method == Method::HEAD;
         let answer = tokio::time::timeout(
             settings.timeout,
-            raw_call(&m.target, &m.base, &m.head, is_head, settings.max_body),
+            raw_call(&m.target, &m.base, &m.head, is_head, &settings),
         )
         .await;
         let primary = match primary.body.await {
@@ -613,18 +613,21 @@ impl Job {
     }
 }
 
-/// Sends a lane mirror's head to `up` and captures the answer up to `max` bytes.
+/// Sends a lane mirror's head to `up` and captures the answer up to `shadow.max_body_bytes`.
 async fn raw_call(
     up: &HttpUpstream,
     base: &BaseUrl,
     head: &[u8],
     is_head: bool,
-    max: usize,
+    settings: &Settings,
 ) -> Result<Answer, UpstreamError> {
-    let answer = up.exchange(base, head, is_head, true).await?;
+    // The caller bounds the mirror by `shadow.timeout_ms`.
+    let answer = up
+        .exchange_within(base, head, is_head, true, settings.timeout)
+        .await?;
     let status = answer.head.status.as_u16();
     let headers = answer.head.compared_fields();
-    let captured = capture(up.body(answer), max).await?;
+    let captured = capture(up.body(answer), settings.max_body).await?;
     Ok(Answer {
         status,
         headers,

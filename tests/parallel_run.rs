@@ -213,6 +213,51 @@ async fn a_slow_or_dead_shadow_never_slows_the_client_and_excess_mirrors_are_dro
 }
 
 #[tokio::test]
+async fn a_mirror_is_bounded_by_the_shorter_of_the_shadow_and_target_timeouts() {
+    let legacy = Backend::named("legacy").await;
+    // The mirror target gives legacy's answer, a second late (health probes at once, so the
+    // target is never taken for down).
+    let late = Backend::start(|req| async move {
+        let probe = req
+            .headers()
+            .get("user-agent")
+            .is_some_and(|v| v == "vastshift-health");
+        if !probe {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+        respond(200, "legacy")
+    })
+    .await;
+    let c = client();
+    // (target timeout_ms, shadow timeout_ms, the mirror's verdict)
+    let cases = [
+        (None, 5000, "matched"),
+        (Some(200), 5000, "errors"),
+        (None, 200, "errors"),
+    ];
+    for (target_timeout, shadow_timeout, verdict) in cases {
+        let mut text = config(
+            &legacy.url(),
+            &late.url(),
+            &format!("{SHADOW_ON}timeout_ms = {shadow_timeout}\n"),
+        );
+        if let Some(ms) = target_timeout {
+            let url = format!("url = \"{}\"\n", late.url());
+            text = text.replace(&url, &format!("{url}timeout_ms = {ms}\n"));
+        }
+        let vs = Vastshift::start(&text).await;
+        let r = c.get(vs.url("/v1/ping")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "legacy");
+        let d = settled(&vs, 1).await;
+        assert_eq!(
+            d[verdict], 1,
+            "target timeout {target_timeout:?}, shadow timeout {shadow_timeout}: {d}"
+        );
+        vs.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn writes_are_not_mirrored_by_default_and_oversized_bodies_are_skipped() {
     let legacy = Backend::named("legacy").await;
     let vastai = Backend::named("legacy").await;

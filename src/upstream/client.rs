@@ -181,6 +181,26 @@ impl HttpUpstream {
             .await
     }
 
+    /// [`Self::exchange`] for a caller that bounds the whole exchange by `outer`, started
+    /// before this call: the upstream's own timeout is armed only when it is the shorter, since
+    /// otherwise `outer` always ends first. One timer per mirror instead of two.
+    pub async fn exchange_within(
+        &self,
+        base: &BaseUrl,
+        head: &[u8],
+        is_head: bool,
+        again: bool,
+        outer: Duration,
+    ) -> Result<Answer, UpstreamError> {
+        if self.settings.timeout < outer {
+            return self.exchange(base, head, is_head, again).await;
+        }
+        self.pool
+            .exchange_head(base, head, is_head, again)
+            .await
+            .map_err(|e| classify(self.backend, &e))
+    }
+
     /// The body of an answer from [`Self::exchange`].
     pub fn body(&self, answer: Answer) -> UpstreamBody {
         self.pool.body(answer)
