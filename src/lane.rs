@@ -5,7 +5,7 @@
 //! index over the bytes as received. A request the lane takes — HTTP/1.1; GET, HEAD, DELETE or
 //! OPTIONS; no body; an origin-form target; no upgrade, no `Expect`, no `Connection` token other
 //! than `close` and `keep-alive` — is routed exactly as on the full path (the same
-//! [`RoutingTable`](crate::routing::RoutingTable) snapshot, [`Proxy::place`], metrics, guard
+//! [`RoutingTable`](crate::routing::RoutingTable) snapshot, `Proxy::place`, metrics, guard
 //! windows, health, fallback to legacy, mirroring through [`crate::shadow`]), its head rewritten for the upstream as bytes
 //! (SPEC §4: hop-by-hop fields dropped, `X-Forwarded-*`, `Via`, `x-request-id`, `Host`,
 //! vastai's key), and sent on the upstream's own exchange ([`crate::upstream::h1`]). The answer

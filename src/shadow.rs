@@ -7,8 +7,9 @@
 //! `x-vastshift-shadow: 1`, to the other backend under `shadow.timeout_ms`, and compares the two
 //! answers. A request without a body on the lane is mirrored on vastshift's own exchange: the
 //! head the primary got, rewritten for the other backend ([`RawMirror`]), and the answers'
-//! fields compared as read; noise samples, and a target reached over Serverless or without an
-//! address yet, take hyper's client instead. The client's response is never delayed, changed or
+//! fields compared as read. Other mirrors go on the same exchange, their copied body, up to
+//! 64 KiB (`RAW_BODY_MAX`), written with the head; a larger body, and a target reached over
+//! Serverless, take hyper's client instead. The client's response is never delayed, changed or
 //! failed by any of this; a mirror whose primary failed, or fell back to the mirror's own
 //! target, is not sent and counts as an error.
 
@@ -21,8 +22,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Uri, Version};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use serde::Serialize;
@@ -33,14 +34,21 @@ use crate::config::{parse_methods, BaseUrl, Percent, ShadowConfig};
 use crate::control::now_rfc3339;
 use crate::metrics::{Metrics, ShadowResult};
 use crate::routing::Backend;
+use crate::upstream::h1::encode_head;
 use crate::upstream::headers::X_VASTSHIFT_SHADOW;
 use crate::upstream::{
-    full, Body, BoxError, HttpUpstream, UpstreamError, Upstreams, VastaiUpstream,
+    empty, full, Body, BoxError, HttpUpstream, UpstreamBody, UpstreamError, Upstreams,
+    VastaiUpstream,
 };
 use crate::window::Windows;
 
 /// How many mismatches `GET /admin/shadow` keeps.
 const KEEP_MISMATCHES: usize = 100;
+
+/// A mirror's body up to this size is written with its head on vastshift's own exchange; a
+/// larger one goes through hyper's client, which reads an answer that comes before the whole
+/// body is written.
+const RAW_BODY_MAX: usize = 64 * 1024;
 
 /// `[shadow]` in the form the request path uses.
 pub struct Settings {
@@ -372,7 +380,8 @@ impl Shadow {
         let is_head = m.method == Method::HEAD;
         let answer = tokio::time::timeout(
             settings.timeout,
-            raw_call(&m.target, &m.base, &m.head, is_head, &settings),
+            // The lane mirrors only GET, HEAD and OPTIONS.
+            raw_call(&m.target, &m.base, &m.head, is_head, true, &settings),
         )
         .await;
         let primary = match primary.body.await {
@@ -528,7 +537,7 @@ impl Job {
         };
         let shadow_answer = tokio::time::timeout(
             settings.timeout,
-            self.call(target, headers, body.clone(), settings.max_body),
+            self.call(target, headers, body.clone(), &settings),
         )
         .await;
         let noise_answer = if task.noise {
@@ -538,7 +547,7 @@ impl Job {
             let headers = std::mem::take(&mut self.headers);
             tokio::time::timeout(
                 settings.timeout,
-                self.call(self.served_by, headers, body, settings.max_body),
+                self.call(self.served_by, headers, body, &settings),
             )
             .await
             .ok()
@@ -578,52 +587,71 @@ impl Job {
             .judge(&settings, &origin, &primary, shadow_answer);
     }
 
-    /// Sends the copy (`headers`, `body`) to `backend` and captures its answer up to `max` bytes.
+    /// Sends the copy (`headers`, `body`) to `backend` and captures its answer up to
+    /// `shadow.max_body_bytes`. The caller bounds the call by `shadow.timeout_ms`.
     async fn call(
         &self,
         backend: Backend,
         mut headers: HeaderMap,
         body: Bytes,
-        max: usize,
+        settings: &Settings,
     ) -> Result<Answer, UpstreamError> {
         headers.insert(X_VASTSHIFT_SHADOW.clone(), HeaderValue::from_static("1"));
         let ups: &Upstreams = &self.runtime.upstreams;
-        let resp = match (backend, &ups.vastai) {
-            (Backend::Legacy, _) => {
-                ups.legacy
-                    .send(build(&self.method, &self.uri, headers, full(body)))
-                    .await?
-            }
-            (Backend::Vastai, VastaiUpstream::Http(up)) => {
-                up.send(build(&self.method, &self.uri, headers, full(body)))
-                    .await?
-            }
+        let up = match (backend, &ups.vastai) {
+            (Backend::Legacy, _) => &ups.legacy,
+            (Backend::Vastai, VastaiUpstream::Http(up)) => up,
             (Backend::Vastai, VastaiUpstream::Serverless(s)) => {
-                s.call(&self.uri, &headers, body).await?
+                return read_answer(s.call(&self.uri, &headers, body).await?, settings).await;
             }
         };
-        let (parts, incoming) = resp.into_parts();
-        let captured = capture(incoming.map_err(BoxError::from), max).await?;
-        Ok(Answer {
-            status: parts.status.as_u16(),
-            headers: Fields::from_map(&parts.headers),
-            body: captured.bytes,
-            total_len: captured.total,
-        })
+        if body.len() > RAW_BODY_MAX {
+            let req = build(&self.method, &self.uri, headers, full(body));
+            return read_answer(up.send_within(req, settings.timeout).await?, settings).await;
+        }
+        // The whole copy is at hand: head and body leave in one write on vastshift's own
+        // exchange, as the lane's mirrors do, instead of through hyper's client.
+        if !body.is_empty() {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        let (base, req) = up.prepare(build(&self.method, &self.uri, headers, empty()))?;
+        let mut wire = encode_head(&req);
+        wire.extend_from_slice(&body);
+        let is_head = self.method == Method::HEAD;
+        let again = self.method.is_idempotent();
+        raw_call(up, &base, &wire, is_head, again, settings).await
     }
 }
 
-/// Sends a lane mirror's head to `up` and captures the answer up to `shadow.max_body_bytes`.
+/// A mirror's answer from hyper's client, its body captured up to `shadow.max_body_bytes`.
+async fn read_answer(
+    resp: Response<UpstreamBody>,
+    settings: &Settings,
+) -> Result<Answer, UpstreamError> {
+    let (parts, incoming) = resp.into_parts();
+    let captured = capture(incoming.map_err(BoxError::from), settings.max_body).await?;
+    Ok(Answer {
+        status: parts.status.as_u16(),
+        headers: Fields::from_map(&parts.headers),
+        body: captured.bytes,
+        total_len: captured.total,
+    })
+}
+
+/// Sends a mirror in wire form (its head, and its body if any) to `up` on vastshift's own
+/// exchange and captures the answer up to `shadow.max_body_bytes`. `again`: idempotent, so it
+/// may be sent once more if a reused connection closes before any answer.
 async fn raw_call(
     up: &HttpUpstream,
     base: &BaseUrl,
-    head: &[u8],
+    wire: &[u8],
     is_head: bool,
+    again: bool,
     settings: &Settings,
 ) -> Result<Answer, UpstreamError> {
     // The caller bounds the mirror by `shadow.timeout_ms`.
     let answer = up
-        .exchange_within(base, head, is_head, true, settings.timeout)
+        .exchange_within(base, wire, is_head, again, settings.timeout)
         .await?;
     let status = answer.head.status.as_u16();
     let headers = answer.head.compared_fields();

@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use http::{Method, Request};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 async fn shadow_doc(vs: &Vastshift) -> Value {
@@ -214,6 +217,8 @@ async fn a_slow_or_dead_shadow_never_slows_the_client_and_excess_mirrors_are_dro
 
 #[tokio::test]
 async fn a_mirror_is_bounded_by_the_shorter_of_the_shadow_and_target_timeouts() {
+    // A GET is mirrored on vastshift's own exchange, a PUT with a body on hyper's client: both
+    // paths arm the target's timeout only when it is the shorter.
     let legacy = Backend::named("legacy").await;
     // The mirror target gives legacy's answer, a second late (health probes at once, so the
     // target is never taken for down).
@@ -239,7 +244,7 @@ async fn a_mirror_is_bounded_by_the_shorter_of_the_shadow_and_target_timeouts() 
         let mut text = config(
             &legacy.url(),
             &late.url(),
-            &format!("{SHADOW_ON}timeout_ms = {shadow_timeout}\n"),
+            &format!("{SHADOW_ON}timeout_ms = {shadow_timeout}\nmethods = [\"GET\", \"PUT\"]\n"),
         );
         if let Some(ms) = target_timeout {
             let url = format!("url = \"{}\"\n", late.url());
@@ -248,13 +253,71 @@ async fn a_mirror_is_bounded_by_the_shorter_of_the_shadow_and_target_timeouts() 
         let vs = Vastshift::start(&text).await;
         let r = c.get(vs.url("/v1/ping")).send().await.unwrap();
         assert_eq!(r.text().await.unwrap(), "legacy");
-        let d = settled(&vs, 1).await;
+        let r = c.put(vs.url("/v1/ping")).body("{}").send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "legacy");
+        let d = settled(&vs, 2).await;
         assert_eq!(
-            d[verdict], 1,
+            d[verdict], 2,
             "target timeout {target_timeout:?}, shadow timeout {shadow_timeout}: {d}"
         );
         vs.stop().await;
     }
+}
+
+#[tokio::test]
+async fn a_mirror_carries_the_whole_body_with_its_length() {
+    // Both sides echo the body: the mirror matches only if the target got the same bytes.
+    let echo = || {
+        Backend::start(|req: Request<Incoming>| async move {
+            respond(200, req.into_body().collect().await.unwrap().to_bytes())
+        })
+    };
+    let (legacy, vastai) = (echo().await, echo().await);
+    let vs = Vastshift::start(&config(
+        &legacy.url(),
+        &vastai.url(),
+        &format!("{SHADOW_ON}methods = [\"POST\", \"PUT\"]\nmax_body_bytes = 200000\n"),
+    ))
+    .await;
+    let c = client();
+    let prompt = r#"{"prompt":"hello"}"#;
+    // Over the size written with the head in one piece: hyper's client sends it.
+    let big = "x".repeat(100_000);
+    let chunks: Vec<Result<&'static str, std::io::Error>> =
+        vec![Ok("{\"a\":"), Ok("1,"), Ok("\"b\":2}")];
+    let cases: [(&str, reqwest::Body); 4] = [
+        ("POST", prompt.into()),
+        (
+            "PUT",
+            reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)),
+        ),
+        ("POST", big.clone().into()),
+        ("POST", "".into()),
+    ];
+    let expected = [prompt, "{\"a\":1,\"b\":2}", big.as_str(), ""];
+    for (n, (method, body)) in cases.into_iter().enumerate() {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let r = c
+            .request(method, vs.url("/v1/generate"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.text().await.unwrap(), expected[n]);
+        let d = settled(&vs, n as u64 + 1).await;
+        assert_eq!(d["matched"], n + 1, "case {n}: {d}");
+        let seen = vastai.seen.lock().unwrap();
+        let h = &seen.last().unwrap().headers;
+        assert_eq!(
+            h.get("content-length")
+                .map(|v| v.to_str().unwrap().to_string()),
+            Some(expected[n].len().to_string()),
+            "case {n}: {h:?}"
+        );
+        assert!(h.get("transfer-encoding").is_none(), "case {n}: {h:?}");
+        assert_eq!(h["x-vastshift-shadow"], "1");
+    }
+    vs.stop().await;
 }
 
 #[tokio::test]

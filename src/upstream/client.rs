@@ -149,10 +149,28 @@ impl HttpUpstream {
 
     /// Sends a request whose URI is origin-form (path and query) to this upstream, waiting at
     /// most `settings.timeout` for the response headers.
-    pub async fn send(
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (base, req) = self.prepare(req)?;
+        self.within_timeout(self.pool.request(&base, req)).await
+    }
+
+    /// [`Self::send`] for a caller that bounds the whole call by `outer` (see
+    /// [`Self::exchange_within`]).
+    pub async fn send_within(
+        &self,
+        req: Request<Body>,
+        outer: Duration,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (base, req) = self.prepare(req)?;
+        self.bounded(self.pool.request(&base, req), outer).await
+    }
+
+    /// The base URL `req` goes to, and `req` rewritten for it: its target under the base's path
+    /// prefix, `Host` and the upstream's API key.
+    pub fn prepare(
         &self,
         mut req: Request<Body>,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<(Arc<BaseUrl>, Request<Body>), UpstreamError> {
         let base = self.target()?;
         let pq = req.uri().path_and_query().cloned();
         *req.uri_mut() = origin_target(&base, pq)?;
@@ -164,7 +182,7 @@ impl HttpUpstream {
             req.headers_mut()
                 .insert(header::AUTHORIZATION, auth.clone());
         }
-        self.within_timeout(self.pool.request(&base, req)).await
+        Ok((base, req))
     }
 
     /// Sends a request head already in wire form for this upstream (see [`Self::target`],
@@ -192,18 +210,26 @@ impl HttpUpstream {
         again: bool,
         outer: Duration,
     ) -> Result<Answer, UpstreamError> {
-        if self.settings.timeout < outer {
-            return self.exchange(base, head, is_head, again).await;
-        }
-        self.pool
-            .exchange_head(base, head, is_head, again)
+        self.bounded(self.pool.exchange_head(base, head, is_head, again), outer)
             .await
-            .map_err(|e| classify(self.backend, &e))
     }
 
     /// The body of an answer from [`Self::exchange`].
     pub fn body(&self, answer: Answer) -> UpstreamBody {
         self.pool.body(answer)
+    }
+
+    /// `work` under the upstream's own timeout, unless the caller's `outer` bound, armed
+    /// before this call, is the shorter and so always ends first.
+    async fn bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, PoolError>>,
+        outer: Duration,
+    ) -> Result<T, UpstreamError> {
+        if self.settings.timeout < outer {
+            return self.within_timeout(work).await;
+        }
+        work.await.map_err(|e| classify(self.backend, &e))
     }
 
     async fn within_timeout<T>(
