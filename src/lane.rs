@@ -405,8 +405,8 @@ enum Step {
     Handoff,
 }
 
-/// How a request is mirrored: on the lane's own exchange, or through the full path's client (a
-/// noise sample, or a target the lane does not reach).
+/// How a request is mirrored: as the head the lane built, or as a request built from the fields
+/// (a noise sample, or a target the lane does not reach), sent by [`crate::shadow`].
 enum Mirror {
     Raw(ShadowTask, RawMirror, crate::compare::Fields),
     Full(ShadowTask, Uri, HeaderMap, crate::compare::Fields),
@@ -582,7 +582,7 @@ impl Exchange<'_> {
         (Backend::Legacy, legacy, res)
     }
 
-    /// A mirror through the full path's client (a noise sample, or a target the lane does not
+    /// A mirror built from the request's fields (a noise sample, or a target the lane does not
     /// reach); `None`, counted as skipped, when the request cannot be carried that way.
     fn full_mirror(&self, task: ShadowTask, answer: &Answer, id: &[u8]) -> Option<Mirror> {
         match self.mirror_request(id) {

@@ -380,8 +380,14 @@ impl Shadow {
         let is_head = m.method == Method::HEAD;
         let answer = tokio::time::timeout(
             settings.timeout,
-            // The lane mirrors only GET, HEAD and OPTIONS.
-            raw_call(&m.target, &m.base, &m.head, is_head, true, &settings),
+            raw_call(
+                &m.target,
+                &m.base,
+                &m.head,
+                is_head,
+                m.method.is_idempotent(),
+                &settings,
+            ),
         )
         .await;
         let primary = match primary.body.await {
@@ -618,7 +624,9 @@ impl Job {
         let mut wire = encode_head(&req);
         wire.extend_from_slice(&body);
         let is_head = self.method == Method::HEAD;
-        let again = self.method.is_idempotent();
+        // A target may have acted on a body before its connection failed: a mirror with one is
+        // never sent twice, as hyper's client never sends a written body twice.
+        let again = self.method.is_idempotent() && body.is_empty();
         raw_call(up, &base, &wire, is_head, again, settings).await
     }
 }

@@ -217,8 +217,9 @@ async fn a_slow_or_dead_shadow_never_slows_the_client_and_excess_mirrors_are_dro
 
 #[tokio::test]
 async fn a_mirror_is_bounded_by_the_shorter_of_the_shadow_and_target_timeouts() {
-    // A GET is mirrored on vastshift's own exchange, a PUT with a body on hyper's client: both
-    // paths arm the target's timeout only when it is the shorter.
+    // A GET and a PUT with a small body are mirrored on vastshift's own exchange, a PUT with a
+    // body over 64 KiB on hyper's client: each arms the target's timeout only when it is the
+    // shorter.
     let legacy = Backend::named("legacy").await;
     // The mirror target gives legacy's answer, a second late (health probes at once, so the
     // target is never taken for down).
@@ -253,29 +254,92 @@ async fn a_mirror_is_bounded_by_the_shorter_of_the_shadow_and_target_timeouts() 
         let vs = Vastshift::start(&text).await;
         let r = c.get(vs.url("/v1/ping")).send().await.unwrap();
         assert_eq!(r.text().await.unwrap(), "legacy");
-        let r = c.put(vs.url("/v1/ping")).body("{}").send().await.unwrap();
-        assert_eq!(r.text().await.unwrap(), "legacy");
-        let d = settled(&vs, 2).await;
+        for body in [vec![b'{', b'}'], vec![b'x'; 70_000]] {
+            let r = c.put(vs.url("/v1/ping")).body(body).send().await.unwrap();
+            assert_eq!(r.text().await.unwrap(), "legacy");
+        }
+        let d = settled(&vs, 3).await;
         assert_eq!(
-            d[verdict], 2,
+            d[verdict], 3,
             "target timeout {target_timeout:?}, shadow timeout {shadow_timeout}: {d}"
         );
         vs.stop().await;
     }
 }
 
+/// A mirror target that echoes each request's body, keeping every request's bytes as received.
+async fn raw_echo() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&kept);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+                    let want = head_end.map(|end| {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len = head.lines().find_map(|l| l.strip_prefix("content-length:"));
+                        end + len.map_or(0, |v| v.trim().parse::<usize>().unwrap())
+                    });
+                    match want {
+                        Some(want) if buf.len() >= want => {
+                            let request: Vec<u8> = buf.drain(..want).collect();
+                            let body = &request[head_end.unwrap()..];
+                            let mut reply = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                                body.len()
+                            )
+                            .into_bytes();
+                            reply.extend_from_slice(body);
+                            seen.lock().unwrap().push(request.clone());
+                            if conn.write_all(&reply).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        },
+                    }
+                }
+            });
+        }
+    });
+    (url, kept)
+}
+
+/// The request vastshift sends with the mirror marker, as text: its head's lines, and its body.
+fn last_mirror(seen: &Mutex<Vec<Vec<u8>>>) -> (Vec<String>, Vec<u8>) {
+    let seen = seen.lock().unwrap();
+    let req = seen
+        .iter()
+        .rev()
+        .find(|r| String::from_utf8_lossy(r).contains("x-vastshift-shadow: 1\r\n"))
+        .unwrap();
+    let end = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&req[..end]);
+    let lines = head.lines().map(str::to_ascii_lowercase).collect();
+    (lines, req[end + 4..].to_vec())
+}
+
 #[tokio::test]
 async fn a_mirror_carries_the_whole_body_with_its_length() {
-    // Both sides echo the body: the mirror matches only if the target got the same bytes.
-    let echo = || {
-        Backend::start(|req: Request<Incoming>| async move {
-            respond(200, req.into_body().collect().await.unwrap().to_bytes())
-        })
-    };
-    let (legacy, vastai) = (echo().await, echo().await);
+    // Both sides echo the body: the mirror matches only if the target got the same bytes, and
+    // the target keeps the bytes it was sent to check their framing.
+    let legacy = Backend::start(|req: Request<Incoming>| async move {
+        respond(200, req.into_body().collect().await.unwrap().to_bytes())
+    })
+    .await;
+    let (target, seen) = raw_echo().await;
     let vs = Vastshift::start(&config(
         &legacy.url(),
-        &vastai.url(),
+        &target,
         &format!("{SHADOW_ON}methods = [\"POST\", \"PUT\"]\nmax_body_bytes = 200000\n"),
     ))
     .await;
@@ -306,17 +370,38 @@ async fn a_mirror_carries_the_whole_body_with_its_length() {
         assert_eq!(r.text().await.unwrap(), expected[n]);
         let d = settled(&vs, n as u64 + 1).await;
         assert_eq!(d["matched"], n + 1, "case {n}: {d}");
-        let seen = vastai.seen.lock().unwrap();
-        let h = &seen.last().unwrap().headers;
-        assert_eq!(
-            h.get("content-length")
-                .map(|v| v.to_str().unwrap().to_string()),
-            Some(expected[n].len().to_string()),
-            "case {n}: {h:?}"
+        let (lines, body) = last_mirror(&seen);
+        let lengths: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.starts_with("content-length:"))
+            .collect();
+        let one = format!("content-length: {}", expected[n].len());
+        assert_eq!(lengths, [&one], "case {n}: {lines:?}");
+        assert!(
+            !lines.iter().any(|l| l.starts_with("transfer-encoding")),
+            "case {n}: {lines:?}"
         );
-        assert!(h.get("transfer-encoding").is_none(), "case {n}: {h:?}");
-        assert_eq!(h["x-vastshift-shadow"], "1");
+        assert_eq!(body, expected[n].as_bytes(), "case {n}");
     }
+
+    // A POST with no Content-Length has no body; its mirror still says how long it is.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(vs.addr).await.unwrap();
+    conn.write_all(b"POST /v1/generate HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let d = settled(&vs, 5).await;
+    assert_eq!(d["matched"], 5, "{d}");
+    let (lines, body) = last_mirror(&seen);
+    let lengths: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("content-length:"))
+        .collect();
+    assert_eq!(lengths, ["content-length: 0"], "{lines:?}");
+    assert!(body.is_empty());
     vs.stop().await;
 }
 

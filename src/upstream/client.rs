@@ -162,7 +162,13 @@ impl HttpUpstream {
         outer: Duration,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (base, req) = self.prepare(req)?;
-        self.bounded(self.pool.request(&base, req), outer).await
+        if self.settings.timeout < outer {
+            return self.within_timeout(self.pool.request(&base, req)).await;
+        }
+        self.pool
+            .request(&base, req)
+            .await
+            .map_err(|e| classify(self.backend, &e))
     }
 
     /// The base URL `req` goes to, and `req` rewritten for it: its target under the base's path
@@ -185,8 +191,8 @@ impl HttpUpstream {
         Ok((base, req))
     }
 
-    /// Sends a request head already in wire form for this upstream (see [`Self::target`],
-    /// [`Self::auth`]) and reads the answer's head; the body follows from [`Self::body`].
+    /// Sends a request already in wire form for this upstream (see [`Self::target`],
+    /// [`Self::auth`]; a head, or a mirror's head and body) and reads the answer's head; the body follows from [`Self::body`].
     /// `again`: the request is idempotent and may be sent twice (see [`ConnPool`]).
     pub async fn exchange(
         &self,
@@ -210,26 +216,18 @@ impl HttpUpstream {
         again: bool,
         outer: Duration,
     ) -> Result<Answer, UpstreamError> {
-        self.bounded(self.pool.exchange_head(base, head, is_head, again), outer)
+        if self.settings.timeout < outer {
+            return self.exchange(base, head, is_head, again).await;
+        }
+        self.pool
+            .exchange_head(base, head, is_head, again)
             .await
+            .map_err(|e| classify(self.backend, &e))
     }
 
     /// The body of an answer from [`Self::exchange`].
     pub fn body(&self, answer: Answer) -> UpstreamBody {
         self.pool.body(answer)
-    }
-
-    /// `work` under the upstream's own timeout, unless the caller's `outer` bound, armed
-    /// before this call, is the shorter and so always ends first.
-    async fn bounded<T>(
-        &self,
-        work: impl std::future::Future<Output = Result<T, PoolError>>,
-        outer: Duration,
-    ) -> Result<T, UpstreamError> {
-        if self.settings.timeout < outer {
-            return self.within_timeout(work).await;
-        }
-        work.await.map_err(|e| classify(self.backend, &e))
     }
 
     async fn within_timeout<T>(

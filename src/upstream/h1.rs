@@ -1,11 +1,13 @@
-//! vastshift's own HTTP/1.1 exchange for requests without a body: the bulk of proxied traffic.
+//! vastshift's own HTTP/1.1 exchange for requests without a body, the bulk of proxied traffic,
+//! and for mirrors whose copied body is small enough to be written with the head.
 //!
 //! hyper's client runs every connection on a task of its own and hands each request and response
 //! across channels to it; for a request with no body that hand-over costs more than the exchange
 //! itself. Here the request head is written and the response head read on the task serving the
 //! client, and the response body is read from the connection as the client takes it. Requests
 //! with a body, and upgrades, keep hyper's client (see [`super::pool`]), which can write a body
-//! while it reads an answer that comes early.
+//! while it reads an answer that comes early; only a mirror, whose body is already whole in
+//! memory and at most 64 KiB, sends one here, in the same write as its head.
 //!
 //! What is accepted (RFC 9112): `HTTP/1.0` and `HTTP/1.1` answers; 1xx interim answers are
 //! skipped; the body is framed by `Transfer-Encoding: chunked`, `Content-Length` (several equal
@@ -237,7 +239,8 @@ impl RawConn {
         std::future::poll_fn(|cx| self.poll_fill(cx)).await
     }
 
-    /// Sends a request head (from [`encode_head`]) and reads the answer's head.
+    /// Sends a request head (from [`encode_head`]), and a mirror's body if it follows the head
+    /// in `head`, and reads the answer's head.
     pub async fn exchange(&mut self, head: &[u8], is_head: bool) -> Result<Head, ExchangeError> {
         self.io
             .write_all(head)

@@ -4,7 +4,8 @@
 //! - [`tls`]: rustls client configs (system roots, an extra CA, the insecure escape hatch).
 //! - [`client`]: [`HttpUpstream`], a pooled HTTP/1.1 client bound to one base URL.
 //! - [`pool`]: the keep-alive connection pool behind it, and [`UpstreamBody`].
-//! - [`h1`]: vastshift's own HTTP/1.1 exchange, used by the pool for requests without a body.
+//! - [`h1`]: vastshift's own HTTP/1.1 exchange, used by the pool for requests without a body and
+//!   for small mirrors.
 //! - [`instance`] and [`serverless`]: the Vast.ai `instance` and `serverless` modes.
 //!
 //! Nothing here knows about percentages or routing.

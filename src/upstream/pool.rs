@@ -1,8 +1,8 @@
 //! [`ConnPool`]: keep-alive HTTP/1.1 connections to upstreams.
 //!
 //! Requests without a body, most of the traffic, go through vastshift's own exchange
-//! ([`super::h1`]) on the task serving the client; requests with a body and upgrades go through
-//! hyper's connection API. Each kind keeps its own idle connections. hyper-util's pooled client
+//! ([`super::h1`]) on the task serving the client, and so do mirrors with a small body already
+//! in memory; other requests with a body and upgrades go through hyper's connection API. Each kind keeps its own idle connections. hyper-util's pooled client
 //! is not used here: it takes an absolute URI and converts it back to origin form, hashes the
 //! pool key twice, and for HTTP/1 spawns a task per request to wait for the connection to be
 //! idle again. Here a connection goes back to the pool when its response body ends
@@ -177,7 +177,8 @@ pub enum PoolError {
 }
 
 /// Pools of keep-alive connections, shared by one upstream's requests: one for vastshift's
-/// own exchange (requests without a body), one for hyper's client (bodies and upgrades).
+/// own exchange (requests without a body, small mirrors), one for hyper's client (bodies and
+/// upgrades).
 #[derive(Clone)]
 pub struct ConnPool {
     connector: HttpsConnector<HttpConnector>,
@@ -254,7 +255,7 @@ impl ConnPool {
         Ok(response.map(|()| self.body(answer)))
     }
 
-    /// Sends a request head already in wire form (a request without a body) to `base` on
+    /// Sends a request already in wire form (a head, or a mirror's head and body) to `base` on
     /// vastshift's own exchange, and reads the answer's head. `again`: the request is idempotent,
     /// so if a reused connection closes before any answer it is sent once more on a new one, as
     /// nginx's `proxy_next_upstream error` does.
