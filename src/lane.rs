@@ -6,11 +6,11 @@
 //! OPTIONS; no body; an origin-form target; no upgrade, no `Expect`, no `Connection` token other
 //! than `close` and `keep-alive` — is routed exactly as on the full path (the same
 //! [`RoutingTable`](crate::routing::RoutingTable) snapshot, `Proxy::place`, metrics, guard
-//! windows, health, fallback to legacy, mirroring through [`crate::shadow`]), its head rewritten for the upstream as bytes
-//! (SPEC §4: hop-by-hop fields dropped, `X-Forwarded-*`, `Via`, `x-request-id`, `Host`,
-//! vastai's key), and sent on the upstream's own exchange ([`crate::upstream::h1`]). The answer
-//! head goes to the client built from the upstream's bytes, and the body follows as it arrives
-//! (chunked when its length is unknown). There is no `HeaderMap`, no dispatcher task and, for a
+//! windows, health, fallback to legacy, mirroring through [`crate::shadow`]), its head rewritten
+//! for the upstream as bytes (SPEC §4: hop-by-hop fields dropped, `X-Forwarded-*`, `Via`,
+//! `x-request-id`, `Host`, vastai's key), and sent on the upstream's own exchange
+//! ([`crate::upstream::h1`]). The answer head goes to the client built from the upstream's
+//! bytes, and the body follows as it arrives (chunked when its length is unknown). There is no `HeaderMap`, no dispatcher task and, for a
 //! small answer, one write.
 //!
 //! Anything else — a body, an upgrade, HTTP/1.0, a head that does not parse or is too large —

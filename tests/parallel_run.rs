@@ -217,9 +217,9 @@ async fn a_slow_or_dead_shadow_never_slows_the_client_and_excess_mirrors_are_dro
 
 #[tokio::test]
 async fn a_mirror_is_bounded_by_the_shorter_of_the_shadow_and_target_timeouts() {
-    // A GET and a PUT with a small body are mirrored on vastshift's own exchange, a PUT with a
-    // body over 64 KiB on hyper's client: each arms the target's timeout only when it is the
-    // shorter.
+    // A GET and a PUT with a small body are mirrored on vastshift's own exchange, which arms the
+    // target's timeout only when it is the shorter; a PUT with a body over 64 KiB on hyper's
+    // client. The shorter bound ends each.
     let legacy = Backend::named("legacy").await;
     // The mirror target gives legacy's answer, a second late (health probes at once, so the
     // target is never taken for down).
@@ -267,8 +267,9 @@ async fn a_mirror_is_bounded_by_the_shorter_of_the_shadow_and_target_timeouts() 
     }
 }
 
-/// A mirror target that echoes each request's body, keeping every request's bytes as received.
-async fn raw_echo() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+/// A mirror target that echoes each request's body, keeping every request's head (lowercased)
+/// and body as received.
+async fn raw_echo() -> (String, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -280,32 +281,25 @@ async fn raw_echo() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = vec![0u8; 64 * 1024];
-                loop {
-                    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-                    let want = head_end.map(|end| {
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        let len = head.lines().find_map(|l| l.strip_prefix("content-length:"));
-                        end + len.map_or(0, |v| v.trim().parse::<usize>().unwrap())
-                    });
-                    match want {
-                        Some(want) if buf.len() >= want => {
-                            let request: Vec<u8> = buf.drain(..want).collect();
-                            let body = &request[head_end.unwrap()..];
-                            let mut reply = format!(
-                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
-                                body.len()
-                            )
-                            .into_bytes();
-                            reply.extend_from_slice(body);
-                            seen.lock().unwrap().push(request.clone());
-                            if conn.write_all(&reply).await.is_err() {
-                                return;
-                            }
-                        }
-                        _ => match conn.read(&mut chunk).await {
+                while let Some(head) = read_request_head(&mut conn, &mut buf).await {
+                    let head = head.to_ascii_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    while buf.len() < len {
+                        match conn.read(&mut chunk).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        },
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..len).collect();
+                    let mut reply =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+                    reply.extend_from_slice(&body);
+                    seen.lock().unwrap().push((head, body));
+                    if conn.write_all(&reply).await.is_err() {
+                        return;
                     }
                 }
             });
@@ -314,18 +308,15 @@ async fn raw_echo() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
     (url, kept)
 }
 
-/// The request vastshift sends with the mirror marker, as text: its head's lines, and its body.
-fn last_mirror(seen: &Mutex<Vec<Vec<u8>>>) -> (Vec<String>, Vec<u8>) {
+/// The last request vastshift sent with the mirror marker: its head's lines, and its body.
+fn last_mirror(seen: &Mutex<Vec<(String, Vec<u8>)>>) -> (Vec<String>, Vec<u8>) {
     let seen = seen.lock().unwrap();
-    let req = seen
+    let (head, body) = seen
         .iter()
         .rev()
-        .find(|r| String::from_utf8_lossy(r).contains("x-vastshift-shadow: 1\r\n"))
+        .find(|(head, _)| head.contains("x-vastshift-shadow: 1\r\n"))
         .unwrap();
-    let end = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&req[..end]);
-    let lines = head.lines().map(str::to_ascii_lowercase).collect();
-    (lines, req[end + 4..].to_vec())
+    (head.lines().map(str::to_string).collect(), body.clone())
 }
 
 #[tokio::test]

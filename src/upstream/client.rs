@@ -154,23 +154,6 @@ impl HttpUpstream {
         self.within_timeout(self.pool.request(&base, req)).await
     }
 
-    /// [`Self::send`] for a caller that bounds the whole call by `outer` (see
-    /// [`Self::exchange_within`]).
-    pub async fn send_within(
-        &self,
-        req: Request<Body>,
-        outer: Duration,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (base, req) = self.prepare(req)?;
-        if self.settings.timeout < outer {
-            return self.within_timeout(self.pool.request(&base, req)).await;
-        }
-        self.pool
-            .request(&base, req)
-            .await
-            .map_err(|e| classify(self.backend, &e))
-    }
-
     /// The base URL `req` goes to, and `req` rewritten for it: its target under the base's path
     /// prefix, `Host` and the upstream's API key.
     pub fn prepare(
@@ -192,7 +175,8 @@ impl HttpUpstream {
     }
 
     /// Sends a request already in wire form for this upstream (see [`Self::target`],
-    /// [`Self::auth`]; a head, or a mirror's head and body) and reads the answer's head; the body follows from [`Self::body`].
+    /// [`Self::auth`]; a head, or a mirror's head and body) and reads the answer's head; the
+    /// body follows from [`Self::body`].
     /// `again`: the request is idempotent and may be sent twice (see [`ConnPool`]).
     pub async fn exchange(
         &self,

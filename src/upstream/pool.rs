@@ -2,10 +2,10 @@
 //!
 //! Requests without a body, most of the traffic, go through vastshift's own exchange
 //! ([`super::h1`]) on the task serving the client, and so do mirrors with a small body already
-//! in memory; other requests with a body and upgrades go through hyper's connection API. Each kind keeps its own idle connections. hyper-util's pooled client
-//! is not used here: it takes an absolute URI and converts it back to origin form, hashes the
-//! pool key twice, and for HTTP/1 spawns a task per request to wait for the connection to be
-//! idle again. Here a connection goes back to the pool when its response body ends
+//! in memory; other requests with a body and upgrades go through hyper's connection API. Each
+//! kind keeps its own idle connections. hyper-util's pooled client is not used here: it takes
+//! an absolute URI and converts it back to origin form, hashes the pool key twice, and for
+//! HTTP/1 spawns a task per request to wait for the connection to be idle again. Here a connection goes back to the pool when its response body ends
 //! ([`UpstreamBody`]), and a checkout takes the most recently used idle connection for the same
 //! scheme and authority.
 //!
