@@ -1,27 +1,27 @@
 //! The assembled application: every component, built once from a config, and the reload path.
 //!
-//! [`App::build`] wires metrics, control, windows, health, shadow and the proxy; [`App::reload`]
-//! re-reads the file and applies a valid one everywhere at once (an invalid one is rejected
-//! whole, logged and counted). The ops listener and the background loops hold an `Arc<App>`.
+//! [`App::build`] wires metrics, health, the upstreams, control (which publishes the first
+//! snapshot), shadow and the proxy; [`App::reload`] re-reads the file and hands a valid one,
+//! with the upstreams built from it, to control, which publishes it in one swap (an invalid one
+//! is rejected whole, logged and counted). The ops listener holds an `Arc<App>`; background
+//! loops get the handles they need.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use crate::config::{self, Config};
-use crate::control::{now_rfc3339, Control, Startup};
-use crate::health::Health;
+use crate::config::{self, Config, ConfigError};
+use crate::control::store::{FileStore, StateStore};
+use crate::control::{Control, Startup};
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, Runtime};
+use crate::proxy::Proxy;
+use crate::safety::health::Health;
 use crate::shadow::Shadow;
-use crate::state::{FileStore, StateStore};
-use crate::upstream::client::{BuildError, Env};
-use crate::upstream::Upstreams;
-use crate::window::Windows;
+use crate::upstream::connect::Env;
+use crate::upstream::{BuildError, Upstreams};
+use crate::vocab::now_rfc3339;
 
 /// How the last reload went, for the status report.
 #[derive(Debug, Clone, Serialize)]
@@ -31,13 +31,37 @@ pub struct ReloadResult {
     pub error: Option<String>,
 }
 
+/// Why a reload was refused; the last good config stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload")]
+    NoFile,
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Upstreams(#[from] BuildError),
+}
+
+/// Why the app could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Upstreams(#[from] BuildError),
+}
+
 /// Everything a running vastshift is made of.
 pub struct App {
     pub control: Arc<Control>,
     pub proxy: Arc<Proxy>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    pub windows: Arc<ArcSwap<Windows>>,
     pub shadow: Arc<Shadow>,
     /// False while starting and once draining: `/ready` answers 503.
     pub ready: AtomicBool,
@@ -63,37 +87,29 @@ pub struct Options {
 }
 
 impl App {
-    pub fn build(config: Config, opts: Options) -> Result<Arc<App>, BuildError> {
+    pub fn build(config: Config, opts: Options) -> Result<Arc<App>, AppError> {
         let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::new().map_err(|e| BuildError::Invalid(e.to_string()))?);
+        let metrics = Arc::new(Metrics::new()?);
         let upstreams = Upstreams::build(&config, &opts.env)?;
         let store = opts
             .store
             .clone()
             .unwrap_or_else(|| Arc::new(FileStore::new(config.state_path())));
+        let health = Arc::new(Health::new(Arc::clone(&metrics)));
         let control = Arc::new(Control::new(
             Arc::clone(&config),
+            upstreams,
+            Arc::clone(&health),
             store,
             Arc::clone(&metrics),
             Startup {
                 force_legacy: opts.force_legacy,
             },
         ));
-        let windows = Arc::new(ArcSwap::from_pointee(Windows::new(Duration::from_secs(
-            config.guard.window_secs,
-        ))));
-        let health = Arc::new(Health::new(Arc::clone(&metrics)));
-        let shadow = Arc::new(Shadow::new(
-            &config.shadow,
-            Arc::clone(&metrics),
-            Arc::clone(&windows),
-        ));
+        let shadow = Arc::new(Shadow::new(Arc::clone(&metrics)));
         let proxy = Arc::new(Proxy {
-            table: control.table_handle(),
-            runtime: ArcSwap::from_pointee(runtime(&config, upstreams)),
+            snapshot: control.snapshot_handle(),
             metrics: Arc::clone(&metrics),
-            health: Arc::clone(&health),
-            windows: Arc::clone(&windows),
             shadow: Arc::clone(&shadow),
         });
         let admin_token = opts
@@ -110,7 +126,6 @@ impl App {
             proxy,
             metrics,
             health,
-            windows,
             shadow,
             ready: AtomicBool::new(false),
             admin_token,
@@ -130,15 +145,18 @@ impl App {
     }
 
     /// Re-reads the config file. `Ok(false)` when its text has not changed.
-    pub fn reload(&self) -> Result<bool, String> {
+    pub fn reload(&self) -> Result<bool, ReloadError> {
         let Some(path) = &self.config_path else {
-            return Err("no config file to reload".into());
+            return Err(ReloadError::NoFile);
         };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()));
-        let text = match text {
+        let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) => return Err(self.reload_failed(e)),
+            Err(source) => {
+                return Err(self.reload_failed(ReloadError::Read {
+                    path: path.clone(),
+                    source,
+                }))
+            }
         };
         if self
             .last_text
@@ -154,11 +172,11 @@ impl App {
             .unwrap_or_else(|| PathBuf::from("."));
         let config = match config::parse(&text, base) {
             Ok(c) => c,
-            Err(e) => return Err(self.reload_failed(e.to_string())),
+            Err(e) => return Err(self.reload_failed(e.into())),
         };
         let upstreams = match Upstreams::build(&config, &self.env) {
             Ok(u) => u,
-            Err(e) => return Err(self.reload_failed(e.to_string())),
+            Err(e) => return Err(self.reload_failed(e.into())),
         };
         let old = self.control.config();
         if old.server.listen != config.server.listen
@@ -166,18 +184,9 @@ impl App {
         {
             tracing::warn!("listen addresses changed in the file; they apply at the next restart");
         }
-        // Build everything first, then swap: a request sees either the old or the new config.
-        if old.guard.window_secs != config.guard.window_secs {
-            self.windows
-                .store(Arc::new(Windows::new(Duration::from_secs(
-                    config.guard.window_secs,
-                ))));
-        }
-        self.shadow.reconfigure(&config.shadow);
-        self.proxy
-            .runtime
-            .store(Arc::new(runtime(&config, upstreams)));
-        self.control.apply_file(Arc::new(config));
+        // Everything is built; control publishes it in one swap, so a request sees either the
+        // old or the new config, never a mix.
+        self.control.apply_file(Arc::new(config), upstreams);
         if let Ok(mut t) = self.last_text.lock() {
             *t = Some(text);
         }
@@ -191,13 +200,13 @@ impl App {
         Ok(true)
     }
 
-    fn reload_failed(&self, error: String) -> String {
+    fn reload_failed(&self, error: ReloadError) -> ReloadError {
         self.metrics.reload(false);
         tracing::error!(%error, "configuration reload rejected; the last good configuration stays in force");
         self.record_reload(ReloadResult {
             at: now_rfc3339(),
             result: "error",
-            error: Some(error.clone()),
+            error: Some(error.to_string()),
         });
         error
     }
@@ -206,13 +215,5 @@ impl App {
         if let Ok(mut l) = self.last_reload.lock() {
             *l = Some(r);
         }
-    }
-}
-
-fn runtime(config: &Config, upstreams: Upstreams) -> Runtime {
-    Runtime {
-        upstreams,
-        expose_backend_header: config.server.expose_backend_header,
-        replay_limit: config.shadow.max_body_bytes,
     }
 }

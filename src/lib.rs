@@ -4,44 +4,48 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the TOML file, its typed values ([`config::Percent`]) and validation.
-//! - [`routing`]: the immutable [`routing::RoutingTable`] snapshot and the pure routing choice.
-//! - [`control`]: the one writer of routing state (file layer, overrides, rollback latch, audit).
-//! - [`state`]: persistence of that state behind the [`state::StateStore`] trait.
-//! - [`proxy`]: the request path: snapshot once, choose, forward, record.
-//! - [`lane`]: the proxy's own HTTP/1.1 server loop for plain requests; hyper's serves the rest.
-//! - [`upstream`]: pooled clients, header rewriting, TLS, the Vast.ai instance and serverless modes.
-//! - [`shadow`] and [`compare`]: bounded mirroring and response comparison.
-//! - [`window`], [`guard`], [`ramp`], [`health`]: sliding windows, verdicts, automatic rollback,
-//!   the progressive ramp, probes and the circuit breaker.
-//! - [`admin`], [`metrics`], [`status`]: the ops listener, Prometheus metrics, the status report.
+//! From the bottom up; each layer imports only from the ones listed before it.
+//!
+//! - [`vocab`]: the shared words ([`vocab::Backend`], [`vocab::ErrorKind`], the clock); imports
+//!   nothing.
+//! - [`config`]: the TOML file parsed once into typed values ([`config::Percent`], addresses,
+//!   methods, header names, the vastai mode with its own settings).
+//! - [`metrics`]: the Prometheus registry every part records into.
+//! - [`routing`]: the immutable [`routing::RoutingTable`] and the pure routing choice.
+//! - [`upstream`]: pooled clients, the own HTTP/1.1 exchange, header rules (hop-by-hop, SPEC §4
+//!   forwarding), TLS and the Serverless mode.
+//! - [`safety`]: sliding windows, upstream health and probes, the guard's pure verdict.
+//! - [`shadow`]: the parallel run: planning, one send orchestration, capture and the pure
+//!   comparison.
+//! - [`control`]: the one writer of everything a request reads: it folds the file layer,
+//!   overrides and the latch into one [`control::Snapshot`]; the store behind one trait; the
+//!   ramp; the supervisor that owns the once-a-second tick.
+//! - [`vastai`]: the instance resolver, a control loop that keeps vastai's address current.
+//! - [`proxy`]: the request path: the shared request policy, hyper's path and the fast
+//!   [`proxy::lane`].
+//! - [`ops`]: the ops listener (admin API, health, metrics) and the status report.
 //! - [`app`]: every component wired together, and reload; [`reload`]: file watch and SIGHUP.
 //! - [`server`]: listeners, [`server::run`] and graceful shutdown.
 //! - [`cli`], [`demo`]: the admin client commands and the embedded demo.
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod app;
 pub mod cli;
-pub mod compare;
 pub mod config;
 pub mod control;
 pub mod demo;
-pub mod guard;
-pub mod health;
-pub mod lane;
 pub mod metrics;
+pub mod ops;
 pub mod proxy;
-pub mod ramp;
 pub mod reload;
 pub mod routing;
+pub mod safety;
 pub mod server;
 pub mod shadow;
-pub mod state;
-pub mod status;
 pub mod upstream;
-pub mod window;
+pub mod vastai;
+pub mod vocab;
 
 pub use app::{App, Options};
 pub use server::{run, Listeners, RunError};

@@ -206,7 +206,7 @@ async fn serve(path: Option<PathBuf>) -> i32 {
     let force_legacy = env
         .get("VASTSHIFT_FORCE_LEGACY")
         .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
-    let (proxy_addr, admin_addr) = (config.listen_addr(), config.admin_addr());
+    let (proxy_addr, admin_addr) = (config.server.listen, config.server.admin_listen);
     let proxy = match tokio::net::TcpListener::bind(proxy_addr).await {
         Ok(l) => l,
         Err(e) => {

@@ -8,27 +8,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::routing::{Backend, RouteRef};
-
-/// Why an upstream call failed, as the `kind` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    Connect,
-    Timeout,
-    Reset,
-    Other,
-}
-
-impl ErrorKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::Connect => "connect",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Reset => "reset",
-            ErrorKind::Other => "other",
-        }
-    }
-}
+use crate::routing::RouteRef;
+use crate::vocab::{Backend, ErrorKind};
 
 /// What came of one mirrored request, as the `result` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

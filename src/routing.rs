@@ -11,39 +11,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, Method};
 
 use crate::config::{Percent, Sticky};
-
-/// The two sides of the migration. Spelled `legacy` and `vastai` everywhere.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Backend {
-    Legacy,
-    Vastai,
-}
-
-impl Backend {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Backend::Legacy => "legacy",
-            Backend::Vastai => "vastai",
-        }
-    }
-
-    pub fn other(self) -> Backend {
-        match self {
-            Backend::Legacy => Backend::Vastai,
-            Backend::Vastai => Backend::Legacy,
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Backend> {
-        match s {
-            "legacy" => Some(Backend::Legacy),
-            "vastai" => Some(Backend::Vastai),
-            _ => None,
-        }
-    }
-
-    pub const ALL: [Backend; 2] = [Backend::Legacy, Backend::Vastai];
-}
+use crate::vocab::Backend;
 
 /// Who set an effective percentage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -227,6 +195,20 @@ impl RoutingTable {
     }
 }
 
+impl RoutingTable {
+    /// The effective percentage of the global split or a named route.
+    pub fn percent_of(&self, route: Option<&str>) -> Percent {
+        match route {
+            None => self.percent,
+            Some(name) => self
+                .routes
+                .iter()
+                .find(|r| &*r.name == name)
+                .map_or(self.percent, |r| r.percent),
+        }
+    }
+}
+
 /// A sticky key, borrowed from the request where possible.
 #[derive(Debug, Clone, Copy)]
 pub enum StickyKey<'a> {
@@ -290,7 +272,7 @@ pub fn murmur3_x86_32(data: &[u8], seed: u32) -> u32 {
 }
 
 /// A request's header fields, however they are held: a parsed `HeaderMap`, or the raw head
-/// the proxy's own HTTP/1.1 loop reads (see `crate::lane`).
+/// the proxy's own HTTP/1.1 loop reads (see `crate::proxy::lane`).
 pub trait Fields {
     /// Every value of the field `name`, in order.
     fn values<'a>(&'a self, name: &HeaderName) -> impl Iterator<Item = &'a [u8]>;

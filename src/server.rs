@@ -21,10 +21,10 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::app::App;
-use crate::guard::Supervisor;
-use crate::lane;
+use crate::control::supervisor::Supervisor;
+use crate::proxy::lane;
 use crate::proxy::Client;
-use crate::routing::Backend;
+use crate::vocab::Backend;
 
 /// The two bound listeners; binding is the caller's job so tests can use port 0.
 pub struct Listeners {
@@ -66,14 +66,16 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     for backend in Backend::ALL {
-        tasks.push(tokio::spawn(crate::health::probe_loop(
+        let control = Arc::clone(&app.control);
+        let upstream = move || control.snapshot().upstreams.http(backend).cloned();
+        tasks.push(tokio::spawn(crate::safety::health::probe_loop(
             Arc::clone(&app.health),
-            Arc::clone(&app.proxy),
+            upstream,
             backend,
             stop_rx.clone(),
         )));
     }
-    let supervisor = Supervisor::new(Arc::clone(&app.control), Arc::clone(&app.windows));
+    let supervisor = Supervisor::new(Arc::clone(&app.control));
     tasks.push(tokio::spawn(supervisor.run(stop_rx.clone())));
     if app.config_path.is_some() {
         tasks.push(tokio::spawn(crate::reload::watch(
@@ -81,11 +83,16 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
-    tasks.extend(crate::upstream::instance::spawn(&app, stop_rx.clone()));
+    tasks.extend(crate::vastai::instance::spawn(
+        Arc::clone(&app.control),
+        Arc::clone(&app.health),
+        Arc::clone(&app.env),
+        stop_rx.clone(),
+    ));
 
     let admin = {
         let mut stop = stop_rx.clone();
-        let router = crate::admin::router(Arc::clone(&app));
+        let router = crate::ops::admin::router(Arc::clone(&app));
         tokio::spawn(async move {
             let serve = axum::serve(listeners.admin, router).with_graceful_shutdown(async move {
                 let _ = stop.changed().await;

@@ -219,7 +219,7 @@ async fn health_probes_reuse_their_connection() {
 #[tokio::test(start_paused = true)]
 async fn idle_upstream_connections_are_reused_within_4_s_and_closed_after() {
     use http_body_util::BodyExt;
-    use vastshift::upstream::client::connector;
+    use vastshift::upstream::connect::connector;
     use vastshift::upstream::pool::ConnPool;
 
     let backend = raw_backend(Mode::KeepAlive).await;

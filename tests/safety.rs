@@ -9,17 +9,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use common::*;
 use reqwest::Method;
 use serde_json::Value;
 use tokio::time::Instant;
+use vastshift::control::store::{MemoryStore, RampStatus};
+use vastshift::control::supervisor::Supervisor;
 use vastshift::control::{Control, Startup};
-use vastshift::guard::Supervisor;
 use vastshift::metrics::{Metrics, RollbackTrigger};
-use vastshift::routing::{Backend as Side, Source};
-use vastshift::state::{MemoryStore, RampStatus};
-use vastshift::window::Windows;
+use vastshift::routing::Source;
+use vastshift::safety::health::Health;
+use vastshift::safety::window::Windows;
+use vastshift::upstream::Upstreams;
+use vastshift::vocab::Backend as Side;
 
 /// A backend failing the first `fails_per_five` of every five requests with 500 (3 = 60 %);
 /// health probes always pass.
@@ -147,29 +149,29 @@ async fn too_few_requests_stay_inconclusive_even_if_all_fail() {
 }
 
 /// Control, windows and supervisor without sockets, on a paused clock.
-fn rig(extra: &str) -> (Arc<Control>, Arc<ArcSwap<Windows>>, Supervisor) {
+fn rig(extra: &str) -> (Arc<Control>, Arc<Windows>, Supervisor) {
     let text = format!(
         "[legacy]\nurl = \"http://127.0.0.1:1\"\n[vastai]\nurl = \"http://127.0.0.1:2\"\n{extra}"
     );
     let config = Arc::new(vastshift::config::parse(&text, ".".into()).unwrap());
     let metrics = Arc::new(Metrics::new().unwrap());
+    let upstreams = Upstreams::build(&config, &Default::default()).unwrap();
     let control = Arc::new(Control::new(
         Arc::clone(&config),
+        upstreams,
+        Arc::new(Health::new(Arc::clone(&metrics))),
         Arc::new(MemoryStore::default()),
         metrics,
         Startup::default(),
     ));
-    let windows = Arc::new(ArcSwap::from_pointee(Windows::new(Duration::from_secs(
-        config.guard.window_secs,
-    ))));
-    let sup = Supervisor::new(Arc::clone(&control), Arc::clone(&windows));
+    let windows = Arc::clone(&control.snapshot().windows);
+    let sup = Supervisor::new(Arc::clone(&control));
     (control, windows, sup)
 }
 
-fn record(w: &ArcSwap<Windows>, side: Side, n: usize, failing: usize) {
+fn record(w: &Windows, side: Side, n: usize, failing: usize) {
     for i in 0..n {
-        w.load()
-            .record(side, Instant::now(), Duration::from_millis(5), i < failing);
+        w.record(side, Instant::now(), Duration::from_millis(5), i < failing);
     }
 }
 
@@ -183,7 +185,7 @@ async fn guard_and_ramp_on_a_paused_clock() {
     record(&windows, Side::Vastai, 1, 1);
     sup.tick(Instant::now());
     assert!(control.rolled_back());
-    assert_eq!(control.table().source, Source::Guard);
+    assert_eq!(control.snapshot().table.source, Source::Guard);
 
     // An operator clears it; the old failures do not trigger it again.
     control.clear_override(None, None).unwrap();
@@ -195,24 +197,28 @@ async fn guard_and_ramp_on_a_paused_clock() {
 
     // The ramp: holds each step for hold_secs of passing verdicts.
     control.ramp_start().unwrap();
-    assert_eq!(control.table().percent.as_f64(), 10.0);
+    assert_eq!(control.snapshot().table.percent.as_f64(), 10.0);
     for _ in 0..30 {
         record(&windows, Side::Vastai, 30, 0);
         sup.tick(Instant::now());
         tokio::time::advance(Duration::from_secs(10)).await;
     }
-    assert_eq!(control.table().percent.as_f64(), 10.0, "300 s not yet held");
+    assert_eq!(
+        control.snapshot().table.percent.as_f64(),
+        10.0,
+        "300 s not yet held"
+    );
     record(&windows, Side::Vastai, 30, 0);
     sup.tick(Instant::now());
     tokio::time::advance(Duration::from_secs(10)).await;
     record(&windows, Side::Vastai, 30, 0);
     sup.tick(Instant::now());
     assert_eq!(
-        control.table().percent.as_f64(),
+        control.snapshot().table.percent.as_f64(),
         50.0,
         "advanced after 300 s of passing verdicts"
     );
-    assert_eq!(control.table().source, Source::Ramp);
+    assert_eq!(control.snapshot().table.source, Source::Ramp);
 
     // An inconclusive window waits: let the window empty (60 s) and keep ticking.
     tokio::time::advance(Duration::from_secs(61)).await;
@@ -221,7 +227,7 @@ async fn guard_and_ramp_on_a_paused_clock() {
         tokio::time::advance(Duration::from_secs(10)).await;
     }
     assert_eq!(
-        control.table().percent.as_f64(),
+        control.snapshot().table.percent.as_f64(),
         50.0,
         "an inconclusive window never advances the ramp"
     );
@@ -237,7 +243,7 @@ async fn guard_and_ramp_on_a_paused_clock() {
         sup.tick(Instant::now());
     }
     assert_eq!(
-        control.table().percent.as_f64(),
+        control.snapshot().table.percent.as_f64(),
         0.0,
         "a stopped ramp never advances again"
     );

@@ -1,11 +1,10 @@
-//! [`HttpUpstream`]: a pooled HTTP/1.1 client bound to one base URL, and
-//! [`Upstreams`], the pair of backends built from a config.
+//! [`HttpUpstream`]: a pooled HTTP/1.1 client bound to one base URL, and the classification of
+//! its failures into the `kind` label.
 //!
 //! The base URL can change at run time (a Vast.ai instance's port mapping moves when it
 //! restarts), so it sits behind an `ArcSwapOption`; `None` means "not reachable now".
 //! The Vast.ai key is attached here, to vastai requests only, as a sensitive header value.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,66 +12,14 @@ use arc_swap::ArcSwapOption;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::connect::connector;
 use super::h1::ExchangeError;
-use super::pool::{Answer, ConnPool, PoolError, UpstreamBody, POOL_IDLE};
-use super::serverless::Serverless;
+use super::pool::{Answer, ConnPool, PoolError, UpstreamBody};
 use super::tls::{client_config, TlsError};
 use super::{Body, UpstreamError};
-use crate::config::{BaseUrl, Config, UpstreamSettings, VastaiMode};
-use crate::metrics::ErrorKind;
-use crate::routing::Backend;
-
-/// Environment variables the process was started with; secrets are read from here by name.
-pub type Env = Arc<HashMap<String, String>>;
-
-/// The pooled client type used for Vast.ai Serverless routing and worker calls.
-pub type PooledClient = Client<HttpsConnector<HttpConnector>, Body>;
-
-/// A TCP + optional TLS connector; `tls` is needed only for https upstreams.
-pub fn connector(
-    connect_timeout: Duration,
-    tls: Option<rustls::ClientConfig>,
-) -> HttpsConnector<HttpConnector> {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let tls = tls.unwrap_or_else(|| {
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        })
-        .unwrap_or_else(|_| {
-            rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        })
-    });
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http)
-}
-
-/// hyper-util's pooled client (Serverless calls); idle connections close after [`POOL_IDLE`].
-pub fn pooled_client(connect_timeout: Duration, tls: Option<rustls::ClientConfig>) -> PooledClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector(connect_timeout, tls))
-}
+use crate::config::{BaseUrl, UpstreamSettings};
+use crate::vocab::{Backend, ErrorKind};
 
 /// One backend reached over HTTP(S).
 pub struct HttpUpstream {
@@ -351,114 +298,6 @@ fn send_error(backend: Backend, e: &hyper::Error) -> UpstreamError {
         source = s.source();
     }
     UpstreamError::new(ErrorKind::Other, format!("request to {name} failed"))
-}
-
-/// How vastai is reached.
-pub enum VastaiUpstream {
-    /// `direct` and `instance` modes: plain HTTP(S) to a base URL.
-    Http(Arc<HttpUpstream>),
-    /// `serverless` mode: route, then call the worker with the wrapped payload.
-    Serverless(Arc<Serverless>),
-}
-
-/// Both backends, built from one config.
-pub struct Upstreams {
-    pub legacy: Arc<HttpUpstream>,
-    pub vastai: VastaiUpstream,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error("[{side}] {source}")]
-    Tls {
-        side: &'static str,
-        source: TlsError,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl Upstreams {
-    /// False while vastai has no address at all (a Vast.ai instance that is not running):
-    /// trying it would only fail, so its share goes straight to legacy.
-    pub fn vastai_addressable(&self) -> bool {
-        match &self.vastai {
-            VastaiUpstream::Http(up) => up.base().is_some(),
-            VastaiUpstream::Serverless(_) => true,
-        }
-    }
-
-    pub fn build(config: &Config, env: &Env) -> Result<Upstreams, BuildError> {
-        let legacy_base = config
-            .legacy
-            .url
-            .as_deref()
-            .map(BaseUrl::parse)
-            .transpose()
-            .map_err(BuildError::Invalid)?;
-        let legacy_tls = legacy_base.as_ref().is_some_and(BaseUrl::is_https);
-        let legacy = HttpUpstream::new(
-            Backend::Legacy,
-            legacy_base,
-            config.legacy_settings(),
-            None,
-            legacy_tls,
-        )
-        .map_err(|source| BuildError::Tls {
-            side: "legacy",
-            source,
-        })?;
-        let vs = config.vastai_settings();
-        let key = vs
-            .api_key_env
-            .as_ref()
-            .and_then(|name| env.get(name))
-            .map(String::as_str);
-        if let (Some(name), None) = (&vs.api_key_env, key) {
-            tracing::warn!(variable = %name, "vastai.api_key_env names a variable that is not set");
-        }
-        let vastai =
-            match config.vastai_mode() {
-                VastaiMode::Direct => {
-                    let base = config
-                        .vastai
-                        .url
-                        .as_deref()
-                        .map(BaseUrl::parse)
-                        .transpose()
-                        .map_err(BuildError::Invalid)?;
-                    let tls = base.as_ref().is_some_and(BaseUrl::is_https);
-                    let up = HttpUpstream::new(Backend::Vastai, base, vs, key, tls).map_err(
-                        |source| BuildError::Tls {
-                            side: "vastai",
-                            source,
-                        },
-                    )?;
-                    VastaiUpstream::Http(Arc::new(up))
-                }
-                VastaiMode::Instance => {
-                    let tls = config.vastai.scheme.as_deref() == Some("https");
-                    let up = HttpUpstream::new(Backend::Vastai, None, vs, key, tls).map_err(
-                        |source| BuildError::Tls {
-                            side: "vastai",
-                            source,
-                        },
-                    )?;
-                    VastaiUpstream::Http(Arc::new(up))
-                }
-                VastaiMode::Serverless => {
-                    let s = Serverless::new(config, key).map_err(|source| BuildError::Tls {
-                        side: "vastai",
-                        source,
-                    })?;
-                    VastaiUpstream::Serverless(Arc::new(s))
-                }
-            };
-        Ok(Upstreams {
-            legacy: Arc::new(legacy),
-            vastai,
-        })
-    }
 }
 
 #[cfg(test)]

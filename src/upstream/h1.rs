@@ -157,15 +157,14 @@ impl Head {
         })
     }
 
-    /// The end-to-end fields over the head's own bytes, for the parallel run's comparison.
-    pub fn compared_fields(&self) -> crate::compare::Fields {
-        let spans = self
-            .spans
+    /// Where the end-to-end fields sit in [`Self::bytes`]: (name start, name length, value
+    /// start, value length), so a reader can keep them without copying the head.
+    pub fn field_spans(&self) -> Vec<[usize; 4]> {
+        self.spans
             .iter()
             .filter(|s| s.keep)
             .map(|s| [s.name.0, s.name.1, s.value.0, s.value.1])
-            .collect();
-        crate::compare::Fields::from_spans(self.bytes.clone(), spans)
+            .collect()
     }
 
     /// The head as an `http::Response`, for the request path built on hyper.
@@ -444,17 +443,6 @@ struct Span {
     keep: bool,
 }
 
-/// The hop-by-hop fields every message loses (RFC 9110 §7.6.1), by lowercase name.
-pub const HOP_BY_HOP: [&[u8]; 7] = [
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-];
-
 fn is(name: &[u8], lower: &[u8]) -> bool {
     name.eq_ignore_ascii_case(lower)
 }
@@ -532,7 +520,7 @@ fn parse_head(
                 }
             }
             span.keep = false;
-        } else if HOP_BY_HOP.iter().any(|h| is(name, h)) {
+        } else if super::headers::is_hop_by_hop_name(name) {
             span.keep = false;
         }
     }

@@ -1,7 +1,13 @@
-//! Header rewriting between client and upstream (SPEC §4): hop-by-hop removal in both
-//! directions, `X-Forwarded-*`, `Via` and `x-request-id`. Pure functions over `HeaderMap`s.
+//! Header rules between client and upstream (SPEC §4), each written once for both kinds of
+//! head: the one table of hop-by-hop fields ([`HOP_BY_HOP`]), the forwarding fields
+//! ([`forward`], over a [`ForwardingHead`]: a `HeaderMap`, or the raw head the lane writes) and
+//! the request id. Pure functions.
+
+use std::iter::once;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::routing::visible_str;
 
 /// `x-request-id`, generated when the client sent none.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -12,19 +18,33 @@ pub static X_VASTSHIFT_SHADOW: HeaderName = HeaderName::from_static("x-vastshift
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 vastshift");
+/// What vastshift appends to `Via`.
+pub const VIA: &[u8] = b"1.1 vastshift";
+
+/// The hop-by-hop fields every message loses (RFC 9110 §7.6.1), by lowercase name, besides the
+/// ones `Connection` names.
+pub const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether a field name, in any case, is one of [`HOP_BY_HOP`].
+pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    // Most names are settled by their length alone.
+    matches!(name.len(), 2 | 7 | 10 | 16 | 17)
+        && HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+}
 
 /// The hop-by-hop headers every message loses.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+    is_hop_by_hop_name(name.as_str().as_bytes())
 }
 
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including every header `Connection` names.
@@ -53,15 +73,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
 }
@@ -81,35 +93,101 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
-/// Adds the proxy headers to a request going upstream. `client_ip` is the peer's address as a
-/// header value (built once per connection).
-pub fn add_forwarding(headers: &mut HeaderMap, client_ip: &HeaderValue, host: Option<HeaderValue>) {
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        None => Some(client_ip.clone()),
-        Some(_) => {
-            let mut all: Vec<&str> = headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            all.push(client_ip.to_str().unwrap_or("unknown"));
-            HeaderValue::try_from(all.join(", ")).ok()
-        }
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+/// A request head the forwarding fields are written into.
+pub trait ForwardingHead {
+    /// Sets `name` to `values` joined by `", "`, replacing any field of that name.
+    fn set_list<'a>(&mut self, name: &'static HeaderName, values: impl Iterator<Item = &'a [u8]>);
+    /// Sets `name`, replacing any field of that name.
+    fn set(&mut self, name: &'static HeaderName, value: &[u8]);
+    /// Adds a field `name`, after any already there.
+    fn append(&mut self, name: &'static HeaderName, value: &[u8]);
+}
+
+/// SPEC §4's forwarding fields: `X-Forwarded-For` is every earlier hop (`earlier`, the client's
+/// own values in order, those that are not text dropped) then this client; `X-Forwarded-Proto`
+/// is set; `X-Forwarded-Host` is set to the request's `Host` when it has one (otherwise the
+/// client's passes); `Via: 1.1 vastshift` is appended.
+pub fn forward<'a, H: ForwardingHead>(
+    head: &mut H,
+    earlier: impl Iterator<Item = &'a [u8]>,
+    client_ip: &'a [u8],
+    host: Option<&[u8]>,
+) {
+    let hops = earlier
+        .filter(|v| visible_str(v).is_some())
+        .chain(once(client_ip));
+    head.set_list(&X_FORWARDED_FOR, hops);
+    head.set(&X_FORWARDED_PROTO, b"http");
     if let Some(h) = host {
-        headers.insert(X_FORWARDED_HOST.clone(), h);
+        head.set(&X_FORWARDED_HOST, h);
     }
-    headers.append(header::VIA, VIA_VALUE.clone());
+    head.append(&header::VIA, VIA);
+}
+
+/// The fields a client's head loses because [`forward`] replaces them (`has_host`: the request
+/// carries a `Host`).
+pub fn replaced_by_forwarding(name: &[u8], has_host: bool) -> bool {
+    name.eq_ignore_ascii_case(b"x-forwarded-for")
+        || name.eq_ignore_ascii_case(b"x-forwarded-proto")
+        || (has_host && name.eq_ignore_ascii_case(b"x-forwarded-host"))
+}
+
+impl ForwardingHead for HeaderMap {
+    fn set_list<'a>(&mut self, name: &'static HeaderName, values: impl Iterator<Item = &'a [u8]>) {
+        let mut joined = Vec::with_capacity(64);
+        for v in values {
+            if !joined.is_empty() {
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(v);
+        }
+        if let Ok(v) = HeaderValue::from_bytes(&joined) {
+            self.insert(name, v);
+        }
+    }
+
+    fn set(&mut self, name: &'static HeaderName, value: &[u8]) {
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            self.insert(name, v);
+        }
+    }
+
+    fn append(&mut self, name: &'static HeaderName, value: &[u8]) {
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            self.append(name, v);
+        }
+    }
+}
+
+/// Adds the forwarding fields to a request going upstream. `client_ip` is the peer's address as
+/// a header value (built once per connection).
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    client_ip: &HeaderValue,
+    host: Option<&HeaderValue>,
+) {
+    let earlier: Vec<Vec<u8>> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .map(|v| v.as_bytes().to_vec())
+        .collect();
+    forward(
+        headers,
+        earlier.iter().map(Vec::as_slice),
+        client_ip.as_bytes(),
+        host.map(HeaderValue::as_bytes),
+    );
+}
+
+/// Whether a client's `x-request-id` is used as it is (not empty, at most 200 bytes).
+pub fn usable_request_id(v: &[u8]) -> bool {
+    !v.is_empty() && v.len() <= 200
 }
 
 /// The request's id: the client's `x-request-id`, or a new random one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     match headers.get(&X_REQUEST_ID) {
-        Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
+        Some(v) if usable_request_id(v.as_bytes()) => v.clone(),
         _ => new_request_id(),
     }
 }
@@ -156,11 +234,41 @@ mod tests {
         add_forwarding(
             &mut h,
             &HeaderValue::from_static("127.0.0.1"),
-            Some(HeaderValue::from_static("shop")),
+            Some(&HeaderValue::from_static("shop")),
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-host"], "shop");
         assert_eq!(h["via"], "1.1 vastshift");
+    }
+
+    #[test]
+    fn the_one_hop_by_hop_table() {
+        for name in HOP_BY_HOP {
+            assert!(is_hop_by_hop_name(name.to_ascii_uppercase().as_bytes()));
+            assert!(is_hop_by_hop(&HeaderName::from_static(name)));
+        }
+        assert!(!is_hop_by_hop_name(b"host"));
+        assert!(!is_hop_by_hop_name(b"x-upgrade"));
+        assert!(!is_hop_by_hop_name(b"content-length"));
+    }
+
+    #[test]
+    fn forwarding_replaces_what_it_sets() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("via", HeaderValue::from_static("1.0 edge"));
+        add_forwarding(&mut h, &HeaderValue::from_static("127.0.0.1"), None);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.1");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(!h.contains_key("x-forwarded-host"));
+        let via: Vec<_> = h.get_all("via").iter().collect();
+        assert_eq!(via, ["1.0 edge", "1.1 vastshift"]);
+        assert!(replaced_by_forwarding(b"X-Forwarded-For", false));
+        assert!(!replaced_by_forwarding(b"x-forwarded-host", false));
+        assert!(replaced_by_forwarding(b"x-forwarded-host", true));
     }
 
     #[test]

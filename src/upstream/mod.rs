@@ -1,30 +1,35 @@
 //! Upstream clients: one pooled client per backend, header rewriting, TLS and the Vast.ai modes.
 //!
-//! - [`headers`]: hop-by-hop removal and the proxy headers.
+//! - [`headers`]: the one table of hop-by-hop fields and SPEC §4's forwarding fields, for both
+//!   kinds of head (a `HeaderMap` and the raw bytes the lane writes).
 //! - [`tls`]: rustls client configs (system roots, an extra CA, the insecure escape hatch).
+//! - [`connect`]: the TCP + TLS connector and hyper-util's pooled client.
 //! - [`client`]: [`HttpUpstream`], a pooled HTTP/1.1 client bound to one base URL.
 //! - [`pool`]: the keep-alive connection pool behind it, and [`UpstreamBody`].
 //! - [`h1`]: vastshift's own HTTP/1.1 exchange, used by the pool for requests without a body and
 //!   for small mirrors.
-//! - [`instance`] and [`serverless`]: the Vast.ai `instance` and `serverless` modes.
+//! - [`serverless`]: the Vast.ai `serverless` mode's per-request router and worker calls.
+//! - [`upstreams`]: both backends built from a config, and the backend-to-client map.
 //!
 //! Nothing here knows about percentages or routing.
 
 pub mod client;
+pub mod connect;
 pub mod h1;
 pub mod headers;
-pub mod instance;
 pub mod pool;
 pub mod serverless;
 pub mod tls;
+pub mod upstreams;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 
-pub use client::{HttpUpstream, Upstreams, VastaiUpstream};
+pub use client::HttpUpstream;
 pub use pool::UpstreamBody;
+pub use upstreams::{BuildError, Upstreams, VastaiUpstream};
 
-use crate::metrics::ErrorKind;
+use crate::vocab::ErrorKind;
 
 /// Any error a body may carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

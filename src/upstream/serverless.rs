@@ -19,11 +19,11 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::client::{pooled_client, PooledClient};
+use super::connect::{pooled_client, PooledClient};
 use super::tls::{client_config, TlsError};
 use super::{full, UpstreamError};
-use crate::config::{Config, UpstreamSettings};
-use crate::metrics::ErrorKind;
+use crate::config::{ServerlessMode, UpstreamSettings};
+use crate::vocab::ErrorKind;
 
 /// Longest pause between two polls of a cold endpoint.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -43,22 +43,22 @@ pub struct Serverless {
 }
 
 impl Serverless {
-    pub fn new(config: &Config, key: Option<&str>) -> Result<Serverless, TlsError> {
-        let settings = config.vastai_settings();
+    /// The endpoint of `mode`, reached with vastai's connection `settings` and its `key`.
+    pub fn new(
+        mode: &ServerlessMode,
+        settings: UpstreamSettings,
+        key: Option<&str>,
+    ) -> Result<Serverless, TlsError> {
         let tls = client_config(
             settings.ca_file.as_deref(),
             settings.tls_insecure_skip_verify,
         )?;
-        let route_url: Uri = config
-            .vastai_route_url()
-            .parse()
-            .map_err(|_| TlsError::Rustls("invalid vastai.route_url".into()))?;
         Ok(Serverless {
-            endpoint: config.vastai.endpoint.clone().unwrap_or_default(),
-            route_url,
+            endpoint: mode.endpoint.clone(),
+            route_url: mode.route_url.clone(),
             api_key: key.map(str::to_string),
-            cost: config.vastai.cost.unwrap_or(100.0),
-            max_wait: Duration::from_secs(config.vastai.max_wait_secs.unwrap_or(30)),
+            cost: mode.cost,
+            max_wait: mode.max_wait,
             client: pooled_client(settings.connect_timeout, Some(tls)),
             settings,
         })

@@ -2,22 +2,14 @@
 //!
 //! [`evaluate`] is pure: given the window's figures and `[guard]`, it says `pass`, `fail` or
 //! `inconclusive` (fewer than `min_requests` vastai requests: never `fail`, never `pass`) and
-//! why. [`Supervisor`] runs every second, rolls back through `control` (actor `guard`) on
-//! `fail`, once per incident, and drives the ramp. It never touches routing directly.
+//! why. Acting on it is [`crate::control::supervisor`]'s job; nothing here touches routing.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::config::GuardConfig;
-use crate::control::Control;
-use crate::metrics::RollbackTrigger;
-use crate::ramp::RampDriver;
-use crate::routing::Backend;
-use crate::window::{BackendStats, ShadowStats, Windows};
+use crate::safety::window::{BackendStats, ShadowStats, Windows};
+use crate::vocab::Backend;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -117,71 +109,6 @@ pub fn current(cfg: &GuardConfig, windows: &Windows, now: Instant) -> GuardRepor
         &windows.stats(Backend::Legacy, now),
         &windows.shadow(now),
     )
-}
-
-/// The once-a-second loop behind automatic rollback and the ramp.
-pub struct Supervisor {
-    pub control: Arc<Control>,
-    pub windows: Arc<ArcSwap<Windows>>,
-    was_rolled_back: bool,
-    ramp: RampDriver,
-}
-
-impl Supervisor {
-    pub fn new(control: Arc<Control>, windows: Arc<ArcSwap<Windows>>) -> Supervisor {
-        let was_rolled_back = control.rolled_back();
-        Supervisor {
-            control,
-            windows,
-            was_rolled_back,
-            ramp: RampDriver::default(),
-        }
-    }
-
-    /// One evaluation at `now`.
-    pub fn tick(&mut self, now: Instant) {
-        let config = self.control.config();
-        let rolled_back = self.control.rolled_back();
-        if self.was_rolled_back && !rolled_back {
-            // An operator cleared a rollback: judge vastai only on what happens from here on,
-            // so the incident that caused it does not trigger it again.
-            self.windows.load().reset(Backend::Vastai);
-        }
-        self.was_rolled_back = rolled_back;
-        let report = current(&config.guard, &self.windows.load(), now);
-        let table = self.control.table();
-        let sending = table.percent.hundredths() > 0
-            || table.routes.iter().any(|r| r.percent.hundredths() > 0);
-        if config.guard.enabled && !rolled_back && sending && report.verdict == Verdict::Fail {
-            let reason = format!("guard: {}", report.reasons.join("; "));
-            self.control.rollback(RollbackTrigger::Guard, Some(reason));
-            self.was_rolled_back = true;
-            return;
-        }
-        let steps = config.ramp.steps.len();
-        let hold = Duration::from_secs(config.ramp.hold_secs);
-        if let Some(step) = self.ramp.tick(
-            self.control.ramp().as_ref(),
-            report.verdict,
-            now,
-            hold,
-            steps,
-        ) {
-            self.control.ramp_advance(step);
-        }
-    }
-
-    /// Runs [`Supervisor::tick`] every second until `stop` changes.
-    pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut interval = tokio::time::interval(Duration::from_secs(1));
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = interval.tick() => self.tick(Instant::now()),
-                _ = stop.changed() => return,
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::routing::Backend;
+use crate::vocab::Backend;
 
 /// Latency histogram resolution: bucket `i` holds latencies up to `MIN_US * GROWTH^i`.
 const BUCKETS: usize = 120;
@@ -117,13 +117,6 @@ pub struct Windows {
     last_p99: [AtomicU64; 2],
 }
 
-fn idx(b: Backend) -> usize {
-    match b {
-        Backend::Legacy => 0,
-        Backend::Vastai => 1,
-    }
-}
-
 impl Windows {
     pub fn new(window: Duration) -> Windows {
         let len = window.as_secs().max(1) as usize;
@@ -146,7 +139,7 @@ impl Windows {
     /// One finished request; `error` is a 5xx or a transport failure.
     pub fn record(&self, backend: Backend, now: Instant, latency: Duration, error: bool) {
         let sec = self.second(now);
-        let Ok(mut ring) = self.rings[idx(backend)].lock() else {
+        let Ok(mut ring) = self.rings[backend.index()].lock() else {
             return;
         };
         let slot = ring.slot(sec);
@@ -168,7 +161,7 @@ impl Windows {
 
     /// Forgets everything recorded for `backend` (and, for vastai, the shadow comparisons).
     pub fn reset(&self, backend: Backend) {
-        if let Ok(mut ring) = self.rings[idx(backend)].lock() {
+        if let Ok(mut ring) = self.rings[backend.index()].lock() {
             for s in ring.slots.iter_mut() {
                 *s = Slot::empty();
             }
@@ -178,13 +171,13 @@ impl Windows {
     /// The last p99 seen for `backend` in a window that had requests: the performance baseline
     /// once a backend no longer gets traffic (legacy after a full cutover).
     pub fn last_p99_ms(&self, backend: Backend) -> Option<f64> {
-        let bits = self.last_p99[idx(backend)].load(Ordering::Relaxed);
+        let bits = self.last_p99[backend.index()].load(Ordering::Relaxed);
         (bits != 0).then(|| f64::from_bits(bits))
     }
 
     pub fn stats(&self, backend: Backend, now: Instant) -> BackendStats {
         let sec = self.second(now);
-        let Ok(ring) = self.rings[idx(backend)].lock() else {
+        let Ok(ring) = self.rings[backend.index()].lock() else {
             return BackendStats::default();
         };
         let mut hist = [0u64; BUCKETS];
@@ -198,7 +191,7 @@ impl Windows {
         }
         let p99_ms = quantile(&hist, count, 0.99);
         if count > 0 {
-            self.last_p99[idx(backend)].store(p99_ms.to_bits(), Ordering::Relaxed);
+            self.last_p99[backend.index()].store(p99_ms.to_bits(), Ordering::Relaxed);
         }
         BackendStats {
             requests: count,

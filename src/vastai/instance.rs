@@ -8,21 +8,28 @@
 //! back to legacy. The resolver runs every `refresh_secs`, and promptly (at most once a second)
 //! after real traffic fails to connect — the port mapping changes when an instance restarts.
 //! Console errors and 429s keep the last good address: a flaky console never flaps routing.
-//! The key is sent as a bearer token and never logged.
+//! The key is sent as a bearer token and never logged. The address is written through
+//! [`Control::set_vastai_address`], the one writer of what requests read.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::app::App;
-use crate::config::{BaseUrl, Config, VastaiMode};
-use crate::routing::Backend;
-use crate::upstream::VastaiUpstream;
+use crate::config::{BaseUrl, InstanceMode, VastaiMode};
+use crate::control::Control;
+use crate::safety::health::Health;
+use crate::upstream::connect::{pooled_client, Env, PooledClient};
+use crate::upstream::empty;
+use crate::upstream::tls::client_config;
+use crate::vocab::Backend;
 
 /// How often the resolver looks for new connect failures.
 const WATCH_EVERY: Duration = Duration::from_millis(250);
@@ -30,6 +37,10 @@ const WATCH_EVERY: Duration = Duration::from_millis(250);
 const MIN_GAP: Duration = Duration::from_secs(1);
 /// Longest pause after console errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Bound on one console call, connection to last byte.
+const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest console answer read.
+const MAX_ANSWER: usize = 1 << 20;
 
 /// What the console said about the instance.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,20 +51,47 @@ pub enum Resolved {
     NotRunning(String),
 }
 
-/// Starts the resolver when `[vastai] mode = "instance"`.
-pub fn spawn(app: &Arc<App>, stop: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
-    if app.control.config().vastai_mode() != VastaiMode::Instance {
-        return None;
-    }
-    Some(tokio::spawn(run(Arc::clone(app), stop)))
+/// Why the console could not be asked; the last known address stays in force.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("console timed out")]
+    Timeout,
+    #[error("console unreachable")]
+    Unreachable,
+    #[error("console answered {0}")]
+    Status(StatusCode),
+    #[error("console sent invalid JSON")]
+    InvalidJson,
+    #[error("console URL cannot be built for instance {0}")]
+    Url(u64),
 }
 
-async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
-    let http = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-    {
-        Ok(c) => c,
+/// Starts the resolver when `[vastai] mode = "instance"`. It reads the mode from `control`'s
+/// snapshot on every round (a reload may change it), writes the address through `control`,
+/// and watches `health` for connect failures of real traffic.
+pub fn spawn(
+    control: Arc<Control>,
+    health: Arc<Health>,
+    env: Env,
+    stop: watch::Receiver<bool>,
+) -> Option<JoinHandle<()>> {
+    if !matches!(
+        control.snapshot().config.vastai.mode,
+        VastaiMode::Instance(_)
+    ) {
+        return None;
+    }
+    Some(tokio::spawn(run(control, health, env, stop)))
+}
+
+async fn run(
+    control: Arc<Control>,
+    health: Arc<Health>,
+    env: Env,
+    mut stop: watch::Receiver<bool>,
+) {
+    let client = match client_config(None, false) {
+        Ok(tls) => pooled_client(CONSOLE_TIMEOUT, Some(tls)),
         Err(e) => {
             tracing::error!(error = %e, "instance mode: cannot build the console client");
             return;
@@ -61,36 +99,44 @@ async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     };
     let mut backoff = Duration::from_secs(1);
     loop {
-        let config = app.control.config();
-        let refresh = Duration::from_secs(config.vastai.refresh_secs.unwrap_or(30));
+        let config = Arc::clone(&control.snapshot().config);
+        let VastaiMode::Instance(mode) = &config.vastai.mode else {
+            return;
+        };
         let key = config
             .vastai
+            .settings
             .api_key_env
             .as_ref()
-            .and_then(|k| app.env.get(k))
+            .and_then(|k| env.get(k))
             .cloned();
-        let wait = match resolve(&http, &config, key.as_deref()).await {
-            Ok(resolved) => {
+        let wait = match resolve(&client, mode, key.as_deref()).await {
+            Ok(Resolved::Running(base)) => {
                 backoff = Duration::from_secs(1);
-                apply(&app, resolved);
-                refresh
+                control.set_vastai_address(Some(base), "instance running");
+                mode.refresh
+            }
+            Ok(Resolved::NotRunning(why)) => {
+                backoff = Duration::from_secs(1);
+                control.set_vastai_address(None, &why);
+                mode.refresh
             }
             Err(e) => {
                 tracing::warn!(error = %e, "instance mode: console lookup failed; keeping the last known address");
-                let wait = backoff.min(refresh);
+                let wait = backoff.min(mode.refresh);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 wait
             }
         };
         let started = Instant::now();
-        let failures = app.health.connect_failures(Backend::Vastai);
+        let failures = health.connect_failures(Backend::Vastai);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(WATCH_EVERY) => {}
                 _ = stop.changed() => return,
             }
             let elapsed = started.elapsed();
-            let new_failures = app.health.connect_failures(Backend::Vastai) > failures;
+            let new_failures = health.connect_failures(Backend::Vastai) > failures;
             if elapsed >= wait || (new_failures && elapsed >= MIN_GAP.min(wait)) {
                 break;
             }
@@ -98,69 +144,54 @@ async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-fn apply(app: &App, resolved: Resolved) {
-    let rt = app.proxy.runtime.load();
-    let VastaiUpstream::Http(up) = &rt.upstreams.vastai else {
-        return;
-    };
-    match resolved {
-        Resolved::Running(base) => {
-            if up.base().as_deref() != Some(&base) {
-                tracing::info!(address = %base, "instance mode: vastai instance resolved");
-            }
-            up.set_base(Some(base));
-            app.health.set(Backend::Vastai, true, "instance running");
-        }
-        Resolved::NotRunning(why) => {
-            if up.base().is_some() {
-                tracing::warn!(state = %why, "instance mode: instance not running; vastai's share goes to legacy");
-            }
-            up.set_base(None);
-            app.health
-                .set(Backend::Vastai, false, "instance not running");
-        }
-    }
-}
-
 /// Asks the console where the instance is.
 pub async fn resolve(
-    http: &reqwest::Client,
-    config: &Config,
+    client: &PooledClient,
+    mode: &InstanceMode,
     key: Option<&str>,
-) -> Result<Resolved, String> {
-    let id = config.vastai.instance_id.unwrap_or_default();
-    let port = config.vastai.port.unwrap_or_default();
-    let url = format!(
+) -> Result<Resolved, ResolveError> {
+    let id = mode.instance_id;
+    let url: Uri = format!(
         "{}/api/v0/instances/{id}/",
-        config.vastai_api_url().trim_end_matches('/')
-    );
-    let mut req = http.get(&url);
+        mode.api_url.to_string().trim_end_matches('/')
+    )
+    .parse()
+    .map_err(|_| ResolveError::Url(id))?;
+    let mut req = Request::new(empty());
+    *req.method_mut() = Method::GET;
+    *req.uri_mut() = url;
+    req.headers_mut()
+        .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
     if let Some(k) = key {
-        req = req.bearer_auth(k);
-    }
-    let resp = req.send().await.map_err(|e| {
-        if e.is_timeout() {
-            "console timed out".to_string()
-        } else {
-            "console unreachable".to_string()
+        if let Ok(mut v) = HeaderValue::try_from(format!("Bearer {k}")) {
+            v.set_sensitive(true);
+            req.headers_mut().insert(header::AUTHORIZATION, v);
         }
-    })?;
-    let status = resp.status();
-    if status == reqwest::StatusCode::NOT_FOUND {
+    }
+    let call = async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|_| ResolveError::Unreachable)?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .map_err(|_| ResolveError::Unreachable)?;
+        Ok::<_, ResolveError>((status, body))
+    };
+    let (status, body) = tokio::time::timeout(CONSOLE_TIMEOUT, call)
+        .await
+        .map_err(|_| ResolveError::Timeout)??;
+    if status == StatusCode::NOT_FOUND {
         return Ok(Resolved::NotRunning(format!("instance {id} not found")));
     }
     if !status.is_success() {
-        return Err(format!("console answered {status}"));
+        return Err(ResolveError::Status(status));
     }
-    let body: Value = resp
-        .json()
-        .await
-        .map_err(|_| "console sent invalid JSON".to_string())?;
-    let scheme = match config.vastai.scheme.as_deref() {
-        Some("https") => Scheme::HTTPS,
-        _ => Scheme::HTTP,
-    };
-    Ok(parse_instance(&body, port, scheme))
+    let body: Value = serde_json::from_slice(&body).map_err(|_| ResolveError::InvalidJson)?;
+    Ok(parse_instance(&body, mode.port, mode.scheme.clone()))
 }
 
 /// Reads the console's answer.
@@ -184,11 +215,11 @@ pub fn parse_instance(body: &Value, port: u16, scheme: Scheme) -> Resolved {
         return Resolved::NotRunning(format!("running but no public mapping for {port}/tcp yet"));
     }
     match Authority::try_from(format!("{ip}:{host_port}").as_str())
-        .map_err(|e| e.to_string())
-        .and_then(|authority| BaseUrl::new(scheme, authority, String::new()))
+        .ok()
+        .and_then(|authority| BaseUrl::new(scheme, authority, String::new()).ok())
     {
-        Ok(base) => Resolved::Running(base),
-        Err(_) => Resolved::NotRunning(format!("invalid address {ip}:{host_port}")),
+        Some(base) => Resolved::Running(base),
+        None => Resolved::NotRunning(format!("invalid address {ip}:{host_port}")),
     }
 }
 

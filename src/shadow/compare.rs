@@ -40,6 +40,11 @@ impl Fields {
         Fields { bytes, spans }
     }
 
+    /// The end-to-end fields of an answer head read by vastshift's own exchange, over its bytes.
+    pub fn of_head(head: &crate::upstream::h1::Head) -> Fields {
+        Fields::from_spans(head.bytes.clone(), head.field_spans())
+    }
+
     pub fn from_map(map: &HeaderMap) -> Fields {
         let mut bytes = BytesMut::new();
         let mut spans = Vec::with_capacity(map.len());

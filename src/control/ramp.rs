@@ -1,22 +1,21 @@
 //! The progressive ramp's timing: when a running ramp may take its next step.
 //!
 //! A step is held for `hold_secs` of continuously passing guard verdicts; an inconclusive or
-//! failing verdict restarts the hold. The step itself is taken through `control`, which refuses
-//! it when the ramp moved meanwhile (paused, aborted, rolled back). Hold time is not persisted:
+//! failing verdict (`passing: false`) restarts the hold. The step itself is taken through
+//! `control`, which refuses it when the ramp moved meanwhile (paused, aborted, rolled back). Hold time is not persisted:
 //! after a restart the current step is held again in full, which errs on the side of caution.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::guard::Verdict;
-use crate::state::{RampProgress, RampStatus};
+use super::store::{RampProgress, RampStatus};
 
 /// Tracks how long the current step has been passing.
 #[derive(Debug, Default)]
 pub struct RampDriver {
     /// The step being held and since when it has passed without interruption.
-    passing: Option<(usize, Instant)>,
+    held: Option<(usize, Instant)>,
 }
 
 impl RampDriver {
@@ -24,30 +23,30 @@ impl RampDriver {
     pub fn tick(
         &mut self,
         ramp: Option<&RampProgress>,
-        verdict: Verdict,
+        passing: bool,
         now: Instant,
         hold: Duration,
         steps: usize,
     ) -> Option<usize> {
         let Some(r) = ramp.filter(|r| r.status == RampStatus::Running) else {
-            self.passing = None;
+            self.held = None;
             return None;
         };
         if r.step + 1 >= steps {
             return None;
         }
-        if verdict != Verdict::Pass {
-            self.passing = None;
+        if !passing {
+            self.held = None;
             return None;
         }
-        match self.passing {
+        match self.held {
             Some((step, since)) if step == r.step => {
                 if now.saturating_duration_since(since) >= hold {
-                    self.passing = None;
+                    self.held = None;
                     return Some(r.step);
                 }
             }
-            _ => self.passing = Some((r.step, now)),
+            _ => self.held = Some((r.step, now)),
         }
         None
     }
@@ -105,11 +104,11 @@ mod tests {
         let mut d = RampDriver::default();
         let hold = Duration::from_secs(5);
         let t0 = Instant::now();
-        assert_eq!(d.tick(Some(&running(0)), Verdict::Pass, t0, hold, 3), None);
+        assert_eq!(d.tick(Some(&running(0)), true, t0, hold, 3), None);
         assert_eq!(
             d.tick(
                 Some(&running(0)),
-                Verdict::Pass,
+                true,
                 t0 + Duration::from_secs(4),
                 hold,
                 3
@@ -119,7 +118,7 @@ mod tests {
         assert_eq!(
             d.tick(
                 Some(&running(0)),
-                Verdict::Inconclusive,
+                false,
                 t0 + Duration::from_secs(5),
                 hold,
                 3
@@ -129,7 +128,7 @@ mod tests {
         assert_eq!(
             d.tick(
                 Some(&running(0)),
-                Verdict::Pass,
+                true,
                 t0 + Duration::from_secs(6),
                 hold,
                 3
@@ -139,7 +138,7 @@ mod tests {
         assert_eq!(
             d.tick(
                 Some(&running(0)),
-                Verdict::Pass,
+                true,
                 t0 + Duration::from_secs(11),
                 hold,
                 3
@@ -150,7 +149,7 @@ mod tests {
         assert_eq!(
             d.tick(
                 Some(&running(2)),
-                Verdict::Pass,
+                true,
                 t0 + Duration::from_secs(30),
                 hold,
                 3

@@ -15,9 +15,8 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
-use crate::routing::Backend;
-use crate::upstream::{empty, HttpUpstream, VastaiUpstream};
+use crate::upstream::{empty, HttpUpstream};
+use crate::vocab::Backend;
 
 /// Consecutive connect failures of real traffic that mark a backend unhealthy.
 pub const PASSIVE_FAILURES: u32 = 3;
@@ -55,13 +54,6 @@ pub struct Health {
     metrics: Arc<Metrics>,
 }
 
-fn idx(b: Backend) -> usize {
-    match b {
-        Backend::Legacy => 0,
-        Backend::Vastai => 1,
-    }
-}
-
 impl Health {
     pub fn new(metrics: Arc<Metrics>) -> Health {
         Health {
@@ -72,13 +64,13 @@ impl Health {
     }
 
     pub fn is_healthy(&self, b: Backend) -> bool {
-        self.states[idx(b)].healthy.load(Ordering::Relaxed)
+        self.states[b.index()].healthy.load(Ordering::Relaxed)
     }
 
     /// Whether a request may be sent to `b` now: always while healthy; otherwise one trial per
     /// [`HALF_OPEN_EVERY`].
     pub fn allow(&self, b: Backend, now: Instant) -> bool {
-        let s = &self.states[idx(b)];
+        let s = &self.states[b.index()];
         if s.healthy.load(Ordering::Relaxed) {
             return true;
         }
@@ -94,7 +86,7 @@ impl Health {
 
     /// A real request got a response (of any status) from `b`.
     pub fn success(&self, b: Backend) {
-        let s = &self.states[idx(b)];
+        let s = &self.states[b.index()];
         s.failures.store(0, Ordering::Relaxed);
         if !s.healthy.load(Ordering::Relaxed) {
             self.set(b, true, "a request succeeded");
@@ -103,14 +95,14 @@ impl Health {
 
     /// How many real requests have failed to connect to `b` since start.
     pub fn connect_failures(&self, b: Backend) -> u64 {
-        self.states[idx(b)]
+        self.states[b.index()]
             .connect_failures_total
             .load(Ordering::Relaxed)
     }
 
     /// A real request could not connect to `b`.
     pub fn connect_failure(&self, b: Backend) {
-        let s = &self.states[idx(b)];
+        let s = &self.states[b.index()];
         s.connect_failures_total.fetch_add(1, Ordering::Relaxed);
         let n = s.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= PASSIVE_FAILURES && s.healthy.load(Ordering::Relaxed) {
@@ -120,7 +112,7 @@ impl Health {
 
     /// The result of an active probe.
     pub fn probe_result(&self, b: Backend, ok: bool) {
-        let s = &self.states[idx(b)];
+        let s = &self.states[b.index()];
         if ok {
             s.probe_failures.store(0, Ordering::Relaxed);
             if !s.healthy.load(Ordering::Relaxed) {
@@ -136,7 +128,7 @@ impl Health {
 
     /// Forces a state, e.g. a Vast.ai instance that is not running.
     pub fn set(&self, b: Backend, healthy: bool, why: &str) {
-        let s = &self.states[idx(b)];
+        let s = &self.states[b.index()];
         let was = s.healthy.swap(healthy, Ordering::Relaxed);
         if healthy {
             s.failures.store(0, Ordering::Relaxed);
@@ -152,23 +144,18 @@ impl Health {
     }
 }
 
-/// Probes one backend until `stop` changes. The upstream is looked up on every round, so a
-/// reload's new address is probed. A probe times out after the smaller of the interval and 2 s.
-/// Serverless vastai is not probed (its router decides); passive detection covers it.
+/// Probes one backend until `stop` changes. `upstream` looks the backend's client up on every
+/// round, so a reload's new address is probed; `None` (Serverless vastai, whose router decides)
+/// is not probed, and passive detection covers it. A probe times out after the smaller of the
+/// interval and 2 s.
 pub async fn probe_loop(
     health: Arc<Health>,
-    proxy: Arc<Proxy>,
+    upstream: impl Fn() -> Option<Arc<HttpUpstream>>,
     backend: Backend,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let rt = proxy.runtime.load_full();
-        let upstream = match (backend, &rt.upstreams.vastai) {
-            (Backend::Legacy, _) => Some(Arc::clone(&rt.upstreams.legacy)),
-            (Backend::Vastai, VastaiUpstream::Http(up)) => Some(Arc::clone(up)),
-            (Backend::Vastai, VastaiUpstream::Serverless(_)) => None,
-        };
-        drop(rt);
+        let upstream = upstream();
         let interval = match upstream {
             Some(up) => {
                 let interval = up.settings.health_interval;

@@ -9,12 +9,11 @@
 //! Every change goes through `control`; nothing here writes routing state itself.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,8 +26,9 @@ use crate::app::App;
 use crate::config::Percent;
 use crate::control::{ControlError, RampAction};
 use crate::metrics::RollbackTrigger;
-use crate::routing::{bucket_for, random_bucket, Backend, Reason};
+use crate::routing::{bucket_for, random_bucket, Reason};
 use crate::upstream::VastaiUpstream;
+use crate::vocab::Backend;
 
 /// An error answer: status and a message for `{"error": ...}`.
 pub struct ApiError(StatusCode, String);
@@ -79,11 +79,6 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Whether an address is loopback, where an admin API without a token may stay open.
-pub fn is_loopback(ip: IpAddr) -> bool {
-    ip.is_loopback()
-}
-
 async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let Some(token) = &app.admin_token else {
         // No token: only reachable because the listener is loopback (checked at start).
@@ -116,8 +111,9 @@ async fn not_found() -> ApiError {
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
-    let rt = app.proxy.runtime.load();
-    let vastai_target = match &rt.upstreams.vastai {
+    let snapshot = app.control.snapshot();
+    let upstreams = &snapshot.upstreams;
+    let vastai_target = match &upstreams.vastai {
         VastaiUpstream::Http(up) => up.base().map(|b| b.to_string()),
         VastaiUpstream::Serverless(s) => Some(format!("serverless endpoint {}", s.endpoint)),
     };
@@ -127,7 +123,7 @@ async fn health(State(app): State<Arc<App>>) -> Response {
         "upstreams": {
             "legacy": {
                 "healthy": app.health.is_healthy(Backend::Legacy),
-                "target": rt.upstreams.legacy.base().map(|b| b.to_string()),
+                "target": upstreams.legacy.base().map(|b| b.to_string()),
             },
             "vastai": {
                 "healthy": app.health.is_healthy(Backend::Vastai),
@@ -189,7 +185,7 @@ fn parse_percent(v: Option<serde_json::Value>) -> Result<Percent, ApiError> {
     let n = v
         .as_f64()
         .ok_or_else(|| bad_request(format!("percent must be a number, got {v}")))?;
-    Percent::try_from(n).map_err(bad_request)
+    Percent::try_from(n).map_err(|e| bad_request(e.to_string()))
 }
 
 fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
@@ -258,7 +254,7 @@ async fn ramp(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiE
         None => return Err(bad_request("action is required")),
     };
     let config = app.control.config();
-    let doc = crate::ramp::RampDocument::new(
+    let doc = crate::control::ramp::RampDocument::new(
         progress.as_ref(),
         &config.ramp.steps,
         config.ramp.hold_secs,
@@ -267,14 +263,15 @@ async fn ramp(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiE
 }
 
 async fn status(State(app): State<Arc<App>>) -> Response {
-    Json(crate::status::report(&app)).into_response()
+    Json(crate::ops::status::report(&app)).into_response()
 }
 
 async fn explain(
     State(app): State<Arc<App>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let table = app.control.table();
+    let snapshot = app.control.snapshot();
+    let table = &snapshot.table;
     let path = q.get("path").map_or("/", String::as_str);
     if !path.starts_with('/') {
         return Err(bad_request("path must start with /"));
@@ -317,10 +314,10 @@ async fn explain(
 }
 
 async fn shadow(State(app): State<Arc<App>>) -> Response {
-    Json(app.shadow.document()).into_response()
+    let enabled = app.control.snapshot().config.shadow.enabled;
+    Json(app.shadow.document(enabled)).into_response()
 }
 
-async fn audit(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let _ = headers;
+async fn audit(State(app): State<Arc<App>>) -> Response {
     Json(app.control.audit_log()).into_response()
 }

@@ -518,3 +518,6 @@ impl http_body::Body for UpstreamBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

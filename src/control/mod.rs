@@ -1,23 +1,42 @@
-//! The one writer of routing state.
+//! The one writer of everything a request reads.
 //!
 //! Three layers decide every percentage: the config file, runtime overrides (admin or ramp) and
 //! the rollback latch, which forces everything to 0 until an operator's next PUT or DELETE.
-//! Every change — admin call, file reload, ramp step, guard verdict, start-up — goes through
-//! [`Control`], which builds a new [`RoutingTable`], swaps it in one atomic store, persists the
-//! state and appends to the audit log. Nothing else writes routing; nothing here parses HTTP.
+//! Every change — admin call, file reload, ramp step, guard verdict, start-up, a Vast.ai
+//! instance's new address — goes through [`Control`], which builds a new [`Snapshot`] (routing
+//! table, upstreams, shadow settings, windows, health), swaps it in one atomic store, persists
+//! the state through a [`store::StateStore`] and appends to the audit log. Nothing else writes
+//! what the request path reads; nothing here parses HTTP.
+//!
+//! - [`layers`]: the pure folding of file, overrides and latch into a table and documents.
+//! - [`snapshot`]: the published view.
+//! - [`store`]: persistence behind one trait (today's file store).
+//! - [`ramp`]: when a running ramp may take its next step.
+//! - [`supervisor`]: the once-a-second tick that acts on the guard's verdict and the ramp.
+
+pub mod layers;
+pub mod ramp;
+pub mod snapshot;
+pub mod store;
+pub mod supervisor;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
-use serde::Serialize;
 use serde_json::json;
 
-use crate::config::{Config, Percent};
+use crate::config::{BaseUrl, Config, Percent};
 use crate::metrics::{Metrics, RollbackTrigger};
-use crate::routing::{RouteEntry, RoutingTable, Source};
-use crate::state::{
-    Actor, AuditEntry, Latch, Loaded, Override, PersistedState, RampProgress, RampStatus,
-    StateStore, AUDIT_CAP,
+use crate::routing::Source;
+use crate::safety::health::Health;
+use crate::upstream::{Upstreams, VastaiUpstream};
+use crate::vocab::{now_rfc3339, Backend};
+use layers::{audit, build_table, document, effective, latch, route_label};
+pub use layers::{RouteDocument, SplitDocument};
+use snapshot::Parts;
+pub use snapshot::{Snapshot, SnapshotHandle};
+use store::{
+    Actor, AuditEntry, Loaded, Override, PersistedState, RampProgress, RampStatus, StateStore,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -28,26 +47,6 @@ pub enum ControlError {
     Conflict(String),
 }
 
-/// `GET /admin/split`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct SplitDocument {
-    pub percent: f64,
-    pub source: Source,
-    pub file_percent: f64,
-    pub rolled_back: bool,
-    pub reason: Option<String>,
-    pub updated_at: String,
-    pub routes: Vec<RouteDocument>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct RouteDocument {
-    pub name: String,
-    pub percent: f64,
-    pub source: Source,
-    pub file_percent: f64,
-}
-
 /// How the process was started, as far as routing state cares.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Startup {
@@ -55,30 +54,30 @@ pub struct Startup {
     pub force_legacy: bool,
 }
 
-struct Inner {
-    file: Arc<Config>,
-    state: PersistedState,
-    updated_at: String,
-    reason: Option<String>,
+/// What control holds between changes.
+pub(crate) struct Inner {
+    pub file: Arc<Config>,
+    parts: Parts,
+    pub state: PersistedState,
+    pub updated_at: String,
+    pub reason: Option<String>,
 }
 
-/// The routing state's single owner.
+/// The single owner of what the request path reads.
 pub struct Control {
-    table: Arc<ArcSwap<RoutingTable>>,
+    snapshot: SnapshotHandle,
     inner: Mutex<Inner>,
     store: Arc<dyn StateStore>,
     metrics: Arc<Metrics>,
 }
 
-/// The current wall-clock time, RFC 3339 in UTC.
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
 impl Control {
     /// Restores persisted state, applies start-up rules and publishes the first table.
+    /// `upstreams` are built from `config`; `health` is the process's one health handle.
     pub fn new(
         config: Arc<Config>,
+        upstreams: Upstreams,
+        health: Arc<Health>,
         store: Arc<dyn StateStore>,
         metrics: Arc<Metrics>,
         startup: Startup,
@@ -101,9 +100,12 @@ impl Control {
             tracing::warn!("VASTSHIFT_FORCE_LEGACY is set; starting rolled back to legacy");
             startup_rollback = Some("VASTSHIFT_FORCE_LEGACY=1 at start".into());
         }
+        let parts = Parts::new(&config, upstreams, health, None);
+        let first = parts.snapshot(crate::routing::RoutingTable::all_legacy(), &config);
         let control = Control {
-            table: Arc::new(ArcSwap::from_pointee(RoutingTable::all_legacy())),
+            snapshot: Arc::new(ArcSwap::from_pointee(first)),
             inner: Mutex::new(Inner {
+                parts,
                 file: config,
                 state,
                 updated_at: now.clone(),
@@ -145,12 +147,13 @@ impl Control {
     }
 
     /// The shared handle the proxy loads one snapshot per request from.
-    pub fn table_handle(&self) -> Arc<ArcSwap<RoutingTable>> {
-        Arc::clone(&self.table)
+    pub fn snapshot_handle(&self) -> SnapshotHandle {
+        Arc::clone(&self.snapshot)
     }
 
-    pub fn table(&self) -> Arc<RoutingTable> {
-        self.table.load_full()
+    /// The snapshot in force.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
     /// The config file currently in force.
@@ -159,7 +162,7 @@ impl Control {
     }
 
     pub fn split_document(&self) -> SplitDocument {
-        document(&self.lock(), &self.table())
+        document(&self.lock(), &self.snapshot().table)
     }
 
     pub fn audit_log(&self) -> Vec<AuditEntry> {
@@ -184,7 +187,7 @@ impl Control {
         let mut inner = self.lock();
         check_route(&inner, route)?;
         let now = now_rfc3339();
-        let from = effective(&self.table(), route);
+        let from = effective(&self.snapshot().table, route);
         let ov = Override {
             percent,
             source: Source::Admin,
@@ -227,7 +230,7 @@ impl Control {
     ) -> Result<SplitDocument, ControlError> {
         let mut inner = self.lock();
         check_route(&inner, route)?;
-        let from = effective(&self.table(), route);
+        let from = effective(&self.snapshot().table, route);
         match route {
             None => {
                 inner.state.default_override = None;
@@ -259,7 +262,7 @@ impl Control {
             RollbackTrigger::Startup => Actor::Startup,
         };
         let now = now_rfc3339();
-        let from = json!(self.table().percent.as_f64());
+        let from = json!(self.snapshot().table.percent.as_f64());
         latch(&mut inner, actor, reason.clone(), &now);
         audit(
             &mut inner,
@@ -280,11 +283,14 @@ impl Control {
         self.commit(&mut inner)
     }
 
-    /// A reloaded, valid config file. Never clears an override or a rollback.
-    pub fn apply_file(&self, config: Arc<Config>) {
+    /// A reloaded, valid config file and the upstreams built from it, published in one swap
+    /// with everything else the file changed. Never clears an override or a rollback.
+    pub fn apply_file(&self, config: Arc<Config>, upstreams: Upstreams) {
         let mut inner = self.lock();
-        let before = self.table();
+        let before = self.snapshot();
         let old_file = Arc::clone(&inner.file);
+        let health = Arc::clone(&inner.parts.health);
+        inner.parts = Parts::new(&config, upstreams, health, Some(&inner.parts));
         inner.file = Arc::clone(&config);
         let names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
         let dropped: Vec<String> = inner
@@ -316,7 +322,8 @@ impl Control {
             );
         }
         let after = build_table(&inner);
-        if after.percent != before.percent || after.routes.len() != before.routes.len() {
+        if after.percent != before.table.percent || after.routes.len() != before.table.routes.len()
+        {
             inner.updated_at = now_rfc3339();
         }
         self.commit(&mut inner);
@@ -332,7 +339,7 @@ impl Control {
             .first()
             .copied()
             .unwrap_or(Percent::ZERO);
-        let from = json!(self.table().percent.as_f64());
+        let from = json!(self.snapshot().table.percent.as_f64());
         inner.state.rollback = None;
         let progress = set_ramp_step(&mut inner, 0, first);
         audit(
@@ -372,7 +379,7 @@ impl Control {
                 progress.status = RampStatus::Running;
             }
             RampAction::Abort => {
-                let from = json!(self.table().percent.as_f64());
+                let from = json!(self.snapshot().table.percent.as_f64());
                 if inner
                     .state
                     .default_override
@@ -416,7 +423,7 @@ impl Control {
         }
         let next = from_step + 1;
         let percent = *inner.file.ramp.steps.get(next)?;
-        let from = json!(self.table().percent.as_f64());
+        let from = json!(self.snapshot().table.percent.as_f64());
         set_ramp_step(&mut inner, next, percent);
         if next + 1 == inner.file.ramp.steps.len() {
             if let Some(r) = inner.state.ramp.as_mut() {
@@ -441,7 +448,7 @@ impl Control {
         if let Err(e) = self.store.save(&inner.state) {
             tracing::error!(error = %e, "routing state changed but could not be persisted");
         }
-        document(inner, &self.table())
+        document(inner, &self.snapshot().table)
     }
 
     fn publish(&self, inner: &mut Inner) {
@@ -453,8 +460,35 @@ impl Control {
                 .iter()
                 .map(|r| (r.name.to_string(), r.percent.as_f64())),
         );
-        self.table.store(Arc::new(table));
+        self.snapshot
+            .store(Arc::new(inner.parts.snapshot(table, &inner.file)));
         self.metrics.set_split(&gauges);
+    }
+
+    /// A Vast.ai instance's address as the resolver found it (`None`: not running, so vastai's
+    /// share goes to legacy), and the health that follows from it. Only the instance mode's
+    /// upstream has an address that moves; for the others this does nothing.
+    pub fn set_vastai_address(&self, base: Option<BaseUrl>, why: &str) {
+        let inner = self.lock();
+        let VastaiUpstream::Http(up) = &inner.parts.upstreams.vastai else {
+            return;
+        };
+        match base {
+            Some(base) => {
+                if up.base().as_deref() != Some(&base) {
+                    tracing::info!(address = %base, "instance mode: vastai instance resolved");
+                }
+                up.set_base(Some(base));
+                inner.parts.health.set(Backend::Vastai, true, why);
+            }
+            None => {
+                if up.base().is_some() {
+                    tracing::warn!(state = %why, "instance mode: instance not running; vastai's share goes to legacy");
+                }
+                up.set_base(None);
+                inner.parts.health.set(Backend::Vastai, false, why);
+            }
+        }
     }
 }
 
@@ -505,42 +539,6 @@ fn stop_ramp_for_operator(inner: &mut Inner) {
     }
 }
 
-fn latch(inner: &mut Inner, actor: Actor, reason: Option<String>, now: &str) {
-    inner.state.rollback = Some(Latch {
-        actor,
-        reason,
-        at: now.to_string(),
-    });
-    if let Some(r) = inner.state.ramp.as_mut() {
-        if r.status != RampStatus::Done {
-            r.status = RampStatus::Stopped;
-            r.at = now.to_string();
-        }
-    }
-}
-
-fn audit(
-    inner: &mut Inner,
-    actor: Actor,
-    change: &str,
-    from: serde_json::Value,
-    to: serde_json::Value,
-    reason: Option<String>,
-) {
-    let log = &mut inner.state.audit;
-    log.push_back(AuditEntry {
-        at: now_rfc3339(),
-        actor,
-        change: change.to_string(),
-        from,
-        to,
-        reason,
-    });
-    while log.len() > AUDIT_CAP {
-        log.pop_front();
-    }
-}
-
 fn check_route(inner: &Inner, route: Option<&str>) -> Result<(), ControlError> {
     match route {
         Some(r) if !inner.file.routes.iter().any(|c| c.name == r) => {
@@ -550,106 +548,10 @@ fn check_route(inner: &Inner, route: Option<&str>) -> Result<(), ControlError> {
     }
 }
 
-fn route_label(route: Option<&str>) -> String {
-    route.map_or("global split".to_string(), |r| format!("route {r}"))
-}
-
-fn effective(table: &RoutingTable, route: Option<&str>) -> serde_json::Value {
-    json!(table.percent_of(route).as_f64())
-}
-
-impl RoutingTable {
-    /// The effective percentage of the global split or a named route.
-    pub fn percent_of(&self, route: Option<&str>) -> Percent {
-        match route {
-            None => self.percent,
-            Some(name) => self
-                .routes
-                .iter()
-                .find(|r| &*r.name == name)
-                .map_or(self.percent, |r| r.percent),
-        }
-    }
-}
-
-/// The three layers folded into one table.
-fn build_table(inner: &Inner) -> RoutingTable {
-    let file = &inner.file;
-    let rolled = inner.state.rollback.as_ref().map(|l| match l.actor {
-        Actor::Guard => Source::Guard,
-        _ => Source::Admin,
-    });
-    let layered = |file_value: Percent, ov: Option<&Override>| -> (Percent, Source) {
-        match (rolled, ov) {
-            (Some(src), _) => (Percent::ZERO, src),
-            (None, Some(o)) => (o.percent, o.source),
-            (None, None) => (file_value, Source::File),
-        }
-    };
-    let (percent, source) = layered(file.split.percent, inner.state.default_override.as_ref());
-    let routes = file
-        .routes
-        .iter()
-        .map(|r| {
-            let (percent, source) = layered(r.percent, inner.state.route_overrides.get(&r.name));
-            RouteEntry {
-                name: r.name.as_str().into(),
-                prefix: r.path_prefix.trim_end_matches('/').to_string(),
-                methods: r.methods.as_ref().map(|m| {
-                    m.iter()
-                        .filter_map(|s| http::Method::from_bytes(s.as_bytes()).ok())
-                        .collect()
-                }),
-                percent,
-                source,
-            }
-        })
-        .collect();
-    let override_header = (!file.split.override_header.is_empty())
-        .then(|| http::HeaderName::try_from(file.split.override_header.as_str()).ok())
-        .flatten();
-    RoutingTable {
-        percent,
-        source,
-        routes,
-        sticky: file.split.sticky.clone(),
-        salt: file.split.salt.clone(),
-        override_header,
-        fallback: file.split.fallback,
-        rolled_back: rolled.is_some(),
-    }
-}
-
-fn document(inner: &Inner, table: &RoutingTable) -> SplitDocument {
-    SplitDocument {
-        percent: table.percent.as_f64(),
-        source: table.source,
-        file_percent: inner.file.split.percent.as_f64(),
-        rolled_back: table.rolled_back,
-        reason: inner.reason.clone(),
-        updated_at: inner.updated_at.clone(),
-        routes: table
-            .routes
-            .iter()
-            .map(|r| RouteDocument {
-                name: r.name.to_string(),
-                percent: r.percent.as_f64(),
-                source: r.source,
-                file_percent: inner
-                    .file
-                    .routes
-                    .iter()
-                    .find(|c| c.name == *r.name)
-                    .map_or(0.0, |c| c.percent.as_f64()),
-            })
-            .collect(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::MemoryStore;
+    use store::MemoryStore;
 
     fn config(percent: f64) -> Arc<Config> {
         let text = format!(
@@ -658,10 +560,17 @@ mod tests {
         Arc::new(crate::config::parse(&text, ".".into()).expect("valid"))
     }
 
+    fn upstreams(config: &Config) -> Upstreams {
+        Upstreams::build(config, &Default::default()).expect("upstreams")
+    }
+
     fn control(store: Arc<dyn StateStore>, percent: f64, force: bool) -> Control {
         let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let config = config(percent);
         Control::new(
-            config(percent),
+            Arc::clone(&config),
+            upstreams(&config),
+            Arc::new(Health::new(Arc::clone(&metrics))),
             store,
             metrics,
             Startup {
@@ -678,11 +587,11 @@ mod tests {
     fn layers_and_rollback_latch() {
         let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
         let c = control(Arc::clone(&store), 10.0, false);
-        assert_eq!(c.table().percent, pct(10.0));
+        assert_eq!(c.snapshot().table.percent, pct(10.0));
         c.set_percent(None, pct(30.0), Some("canary".into()))
             .expect("set");
         assert_eq!(
-            (c.table().percent, c.table().source),
+            (c.snapshot().table.percent, c.snapshot().table.source),
             (pct(30.0), Source::Admin)
         );
         let doc = c.rollback(RollbackTrigger::Admin, Some("errors".into()));
@@ -690,12 +599,13 @@ mod tests {
         assert_eq!(doc.percent, 0.0);
         assert_eq!(doc.routes[0].percent, 0.0);
         // A reload to 90 % does not undo the rollback.
-        c.apply_file(config(90.0));
-        assert_eq!(c.table().percent, Percent::ZERO);
-        assert!(c.table().rolled_back);
+        let ninety = config(90.0);
+        c.apply_file(Arc::clone(&ninety), upstreams(&ninety));
+        assert_eq!(c.snapshot().table.percent, Percent::ZERO);
+        assert!(c.snapshot().table.rolled_back);
         // A restart restores the latch.
         let again = control(Arc::clone(&store), 90.0, false);
-        assert!(again.table().rolled_back);
+        assert!(again.snapshot().table.rolled_back);
         // DELETE clears it and the file's value applies.
         let doc = again.clear_override(None, None).expect("clear");
         assert!(!doc.rolled_back);
@@ -724,8 +634,8 @@ mod tests {
     #[test]
     fn force_legacy_starts_rolled_back() {
         let c = control(Arc::new(MemoryStore::default()), 100.0, true);
-        assert!(c.table().rolled_back);
-        assert_eq!(c.table().percent, Percent::ZERO);
+        assert!(c.snapshot().table.rolled_back);
+        assert_eq!(c.snapshot().table.percent, Percent::ZERO);
         assert_eq!(c.audit_log()[0].actor, Actor::Startup);
     }
 
@@ -735,16 +645,16 @@ mod tests {
         let p = c.ramp_start().expect("start");
         assert_eq!(p.step, 0);
         assert_eq!(
-            (c.table().percent, c.table().source),
+            (c.snapshot().table.percent, c.snapshot().table.source),
             (pct(1.0), Source::Ramp)
         );
         assert!(c.ramp_advance(0).is_some());
-        assert_eq!(c.table().percent, pct(5.0));
+        assert_eq!(c.snapshot().table.percent, pct(5.0));
         assert!(c.ramp_advance(0).is_none(), "stale step is refused");
         c.rollback(RollbackTrigger::Guard, Some("error rate".into()));
         assert_eq!(c.ramp().map(|r| r.status), Some(RampStatus::Stopped));
         assert!(c.ramp_advance(1).is_none());
-        assert_eq!(c.table().source, Source::Guard);
+        assert_eq!(c.snapshot().table.source, Source::Guard);
         assert_eq!(c.ramp_action(RampAction::Abort), Ok(None));
     }
 }

@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::app::{App, ReloadResult};
+use crate::control::ramp::RampDocument;
 use crate::control::SplitDocument;
-use crate::guard::{self, GuardReport};
-use crate::ramp::RampDocument;
-use crate::routing::Backend;
-use crate::window::BackendStats;
+use crate::safety::guard::{self, GuardReport};
+use crate::safety::window::BackendStats;
+use crate::vocab::Backend;
 
 /// One validation check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,8 +73,9 @@ fn pct(v: f64) -> String {
 /// Builds the report now.
 pub fn report(app: &App) -> StatusReport {
     let now = Instant::now();
-    let config = app.control.config();
-    let windows = app.windows.load();
+    let snapshot = app.control.snapshot();
+    let config = &snapshot.config;
+    let windows = &snapshot.windows;
     let legacy = windows.stats(Backend::Legacy, now);
     let vastai = windows.stats(Backend::Vastai, now);
     let shadow_window = windows.shadow(now);
@@ -90,7 +91,7 @@ pub fn report(app: &App) -> StatusReport {
         }
     } else {
         // Nothing compared in the window: fall back to the totals since start.
-        let d = app.shadow.document();
+        let d = app.shadow.document(config.shadow.enabled);
         ShadowSummary {
             compared: d.compared,
             matched: d.matched,
@@ -98,7 +99,7 @@ pub fn report(app: &App) -> StatusReport {
             match_rate: d.match_rate,
         }
     };
-    let guard = guard::current(&config.guard, &windows, now);
+    let guard = guard::current(&config.guard, windows, now);
     let split = app.control.split_document();
     let v = &config.validation;
     let mut checks = Vec::new();

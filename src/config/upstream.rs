@@ -1,0 +1,300 @@
+//! `[legacy]` and `[vastai]`: the file's keys as written ([`RawUpstream`]) and the typed
+//! settings they become ([`LegacyConfig`], [`VastaiConfig`] with its [`VastaiMode`]), defaults
+//! filled in once, here. The Vast.ai keys are accepted in `[vastai]` only, and each mode carries
+//! its own settings, so no later code checks an `Option` that the mode makes required.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::Scheme;
+use http::Uri;
+use serde::Deserialize;
+
+use super::values::BaseUrl;
+use super::{invalid, ConfigError};
+
+/// The Vast.ai console the instance mode asks by default.
+pub const DEFAULT_API_URL: &str = "https://console.vast.ai";
+/// The Vast.ai Serverless router by default.
+pub const DEFAULT_ROUTE_URL: &str = "https://run.vast.ai/route/";
+
+/// One upstream section as the file writes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    url: Option<String>,
+    connect_timeout_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    preserve_host: bool,
+    #[serde(default = "default_health_path")]
+    health_path: String,
+    #[serde(default = "default_health_interval")]
+    health_interval_ms: u64,
+    #[serde(default)]
+    ca_file: String,
+    #[serde(default)]
+    tls_insecure_skip_verify: bool,
+    api_key_env: Option<String>,
+    mode: Option<ModeName>,
+    instance_id: Option<u64>,
+    port: Option<u16>,
+    api_url: Option<String>,
+    scheme: Option<String>,
+    refresh_secs: Option<u64>,
+    endpoint: Option<String>,
+    route_url: Option<String>,
+    cost: Option<f64>,
+    max_wait_secs: Option<u64>,
+}
+
+fn default_health_path() -> String {
+    "/".into()
+}
+
+fn default_health_interval() -> u64 {
+    2000
+}
+
+/// `mode` as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ModeName {
+    Direct,
+    Instance,
+    Serverless,
+}
+
+/// Connection settings of one side, with that side's defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    /// Until the response head.
+    pub timeout: Duration,
+    pub preserve_host: bool,
+    pub health_path: String,
+    pub health_interval: Duration,
+    /// An extra PEM CA, resolved against the config file's folder.
+    pub ca_file: Option<PathBuf>,
+    pub tls_insecure_skip_verify: bool,
+    /// The variable holding vastai's key (`Authorization: Bearer`); never the key itself.
+    pub api_key_env: Option<String>,
+}
+
+/// `[legacy]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegacyConfig {
+    pub url: BaseUrl,
+    pub settings: UpstreamSettings,
+}
+
+/// `[vastai]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VastaiConfig {
+    pub settings: UpstreamSettings,
+    pub mode: VastaiMode,
+}
+
+/// How the vastai side is reached (SPEC §6), each mode with its own settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VastaiMode {
+    /// A fixed base URL.
+    Direct {
+        url: BaseUrl,
+    },
+    Instance(InstanceMode),
+    Serverless(ServerlessMode),
+}
+
+impl VastaiMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            VastaiMode::Direct { .. } => "direct",
+            VastaiMode::Instance(_) => "instance",
+            VastaiMode::Serverless(_) => "serverless",
+        }
+    }
+}
+
+/// `mode = "instance"`: a rented instance found through the console API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceMode {
+    pub instance_id: u64,
+    /// The container port whose public mapping is vastai's address.
+    pub port: u16,
+    pub api_url: BaseUrl,
+    pub scheme: Scheme,
+    pub refresh: Duration,
+}
+
+/// `mode = "serverless"`: a Vast.ai Serverless endpoint behind its router.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerlessMode {
+    pub endpoint: String,
+    pub route_url: Uri,
+    /// The load each request is announced with to the router.
+    pub cost: f64,
+    pub max_wait: Duration,
+}
+
+/// Parses a URL key, naming the field when it is wrong.
+fn url(field: &str, s: &str) -> Result<BaseUrl, ConfigError> {
+    BaseUrl::parse(s).map_err(|e| invalid(field, e.to_string()))
+}
+
+impl RawUpstream {
+    fn settings(
+        &self,
+        side: &str,
+        base_dir: &Path,
+        connect: u64,
+        timeout: u64,
+    ) -> Result<UpstreamSettings, ConfigError> {
+        if self.connect_timeout_ms == Some(0) {
+            return Err(invalid(
+                format!("{side}.connect_timeout_ms"),
+                "must be above 0",
+            ));
+        }
+        if self.timeout_ms == Some(0) {
+            return Err(invalid(format!("{side}.timeout_ms"), "must be above 0"));
+        }
+        if !self.health_path.starts_with('/') {
+            return Err(invalid(format!("{side}.health_path"), "must start with /"));
+        }
+        if self.health_interval_ms < 100 {
+            return Err(invalid(
+                format!("{side}.health_interval_ms"),
+                "must be at least 100",
+            ));
+        }
+        if let Some(env) = &self.api_key_env {
+            if env.is_empty() || !env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(invalid(
+                    format!("{side}.api_key_env"),
+                    "must name an environment variable ([A-Za-z0-9_]+), not hold the key",
+                ));
+            }
+        }
+        Ok(UpstreamSettings {
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms.unwrap_or(connect)),
+            timeout: Duration::from_millis(self.timeout_ms.unwrap_or(timeout)),
+            preserve_host: self.preserve_host,
+            health_path: self.health_path.clone(),
+            health_interval: Duration::from_millis(self.health_interval_ms),
+            ca_file: (!self.ca_file.is_empty()).then(|| super::resolve(base_dir, &self.ca_file)),
+            tls_insecure_skip_verify: self.tls_insecure_skip_verify,
+            api_key_env: self.api_key_env.clone(),
+        })
+    }
+
+    /// `[legacy]`: a URL and connection settings; no Vast.ai keys.
+    pub(super) fn into_legacy(self, base_dir: &Path) -> Result<LegacyConfig, ConfigError> {
+        let url = self
+            .url
+            .as_deref()
+            .ok_or_else(|| invalid("legacy.url", "is required"))
+            .and_then(|u| url("legacy.url", u))?;
+        let vastai_only = [
+            ("mode", self.mode.is_some()),
+            ("instance_id", self.instance_id.is_some()),
+            ("port", self.port.is_some()),
+            ("api_url", self.api_url.is_some()),
+            ("scheme", self.scheme.is_some()),
+            ("refresh_secs", self.refresh_secs.is_some()),
+            ("endpoint", self.endpoint.is_some()),
+            ("route_url", self.route_url.is_some()),
+            ("cost", self.cost.is_some()),
+            ("max_wait_secs", self.max_wait_secs.is_some()),
+        ];
+        if let Some((key, _)) = vastai_only.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                format!("legacy.{key}"),
+                "is only valid in [vastai]",
+            ));
+        }
+        Ok(LegacyConfig {
+            url,
+            settings: self.settings("legacy", base_dir, 1000, 30_000)?,
+        })
+    }
+
+    /// `[vastai]`: connection settings and the mode with its own keys.
+    pub(super) fn into_vastai(self, base_dir: &Path) -> Result<VastaiConfig, ConfigError> {
+        let settings = self.settings("vastai", base_dir, 2000, 60_000)?;
+        let name = self.mode.unwrap_or(ModeName::Direct);
+        if name != ModeName::Direct && self.url.is_some() {
+            return Err(invalid("vastai.url", "is only used in direct mode"));
+        }
+        let mode = match name {
+            ModeName::Direct => VastaiMode::Direct {
+                url: self
+                    .url
+                    .as_deref()
+                    .ok_or_else(|| invalid("vastai.url", "is required in direct mode"))
+                    .and_then(|u| url("vastai.url", u))?,
+            },
+            ModeName::Instance => VastaiMode::Instance(self.instance()?),
+            ModeName::Serverless => VastaiMode::Serverless(self.serverless()?),
+        };
+        Ok(VastaiConfig { settings, mode })
+    }
+
+    fn instance(&self) -> Result<InstanceMode, ConfigError> {
+        let instance_id = self
+            .instance_id
+            .ok_or_else(|| invalid("vastai.instance_id", "is required in instance mode"))?;
+        let port = self
+            .port
+            .ok_or_else(|| invalid("vastai.port", "is required in instance mode"))?;
+        let scheme = match self.scheme.as_deref() {
+            None | Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            Some(_) => return Err(invalid("vastai.scheme", "must be http or https")),
+        };
+        if self.refresh_secs == Some(0) {
+            return Err(invalid("vastai.refresh_secs", "must be above 0"));
+        }
+        Ok(InstanceMode {
+            instance_id,
+            port,
+            api_url: url(
+                "vastai.api_url",
+                self.api_url.as_deref().unwrap_or(DEFAULT_API_URL),
+            )?,
+            scheme,
+            refresh: Duration::from_secs(self.refresh_secs.unwrap_or(30)),
+        })
+    }
+
+    fn serverless(&self) -> Result<ServerlessMode, ConfigError> {
+        let endpoint = match self.endpoint.as_deref() {
+            Some(e) if !e.trim().is_empty() => e.to_string(),
+            _ => return Err(invalid("vastai.endpoint", "is required in serverless mode")),
+        };
+        if self.api_key_env.is_none() {
+            return Err(invalid(
+                "vastai.api_key_env",
+                "is required in serverless mode (the router needs the key)",
+            ));
+        }
+        let route = self.route_url.as_deref().unwrap_or(DEFAULT_ROUTE_URL);
+        url("vastai.route_url", route)?;
+        let route_url: Uri = route
+            .parse()
+            .map_err(|_| invalid("vastai.route_url", format!("not a URL: {route:?}")))?;
+        let cost = self.cost.unwrap_or(100.0);
+        if !cost.is_finite() || cost < 0.0 {
+            return Err(invalid("vastai.cost", "must be a number >= 0"));
+        }
+        if self.max_wait_secs == Some(0) {
+            return Err(invalid("vastai.max_wait_secs", "must be above 0"));
+        }
+        Ok(ServerlessMode {
+            endpoint,
+            route_url,
+            cost,
+            max_wait: Duration::from_secs(self.max_wait_secs.unwrap_or(30)),
+        })
+    }
+}

@@ -1,0 +1,360 @@
+//! hyper's path: the requests the lane hands over (bodies, upgrades, HTTP/1.0, unusual heads),
+//! as `http::Request`s. Loads one snapshot, applies the shared policy, forwards with a bounded
+//! replay copy when a fallback may need one, and answers. The decisions are
+//! [`super::policy`]'s; this file only moves `HeaderMap`s and bodies.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use super::policy::{error_json, error_status, is_json_post, Attempt, Route};
+use super::{Client, InFlight, Proxy, Tracked};
+use crate::control::Snapshot;
+use crate::shadow::compare::Fields;
+use crate::shadow::{Origin, Outgoing as MirrorRequest, ShadowTask};
+use crate::upstream::headers::{
+    add_forwarding, request_id, strip_hop_by_hop, upgrade_protocol, X_REQUEST_ID,
+    X_VASTSHIFT_BACKEND, X_VASTSHIFT_SHADOW,
+};
+use crate::upstream::{full, Body, BoxError, HttpUpstream, UpstreamBody, UpstreamError};
+use crate::vocab::{Backend, ErrorKind};
+
+/// A request ready to be sent upstream, kept apart so it can be rebuilt for a replay.
+struct Outgoing {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Outgoing {
+    /// Keeps what a replay or a mirror needs; only taken when one may happen.
+    fn of(parts: &http::request::Parts) -> Outgoing {
+        Outgoing {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn request(&self, body: Body) -> Request<Body> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// A JSON error answer naming the backend.
+fn error_response(
+    status: StatusCode,
+    message: &str,
+    backend: Option<Backend>,
+    request_id: &HeaderValue,
+) -> Response<Body> {
+    let mut resp = Response::new(full(error_json(message, backend)));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    if let Some(b) = backend {
+        h.insert(
+            X_VASTSHIFT_BACKEND.clone(),
+            HeaderValue::from_static(b.as_str()),
+        );
+    }
+    resp
+}
+
+/// A mirror waiting for the primary's answer: its task, the request it repeats, and the
+/// snapshot it was planned under.
+struct Pending {
+    task: ShadowTask,
+    out: Outgoing,
+    snap: Arc<Snapshot>,
+}
+
+impl Proxy {
+    /// Handles one client request. Never fails: errors become responses.
+    pub async fn handle(
+        self: Arc<Self>,
+        client: Arc<Client>,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let start = Instant::now();
+        let snap = self.snapshot.load_full();
+        let table = &snap.table;
+        let (mut parts, body) = req.into_parts();
+
+        let decision =
+            table.decide_request(&parts.method, parts.uri.path(), &parts.headers, client.ip);
+        let route = decision.route;
+        let route_name = table.route_name(route);
+        let label = Route {
+            at: route,
+            name: route_name,
+        };
+        let id = request_id(&parts.headers);
+
+        let host = parts.headers.get(header::HOST).cloned();
+        let upgrade = upgrade_protocol(&parts.headers);
+        strip_hop_by_hop(&mut parts.headers);
+        // Only the proxy's own mirrors carry the shadow marker; a client's is removed.
+        parts.headers.remove(&X_VASTSHIFT_SHADOW);
+        // Room for the forwarding headers, x-request-id and Host, in one allocation.
+        parts.headers.reserve(6);
+        add_forwarding(&mut parts.headers, &client.ip_header, host.as_ref());
+        parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+        let on_upgrade = match &upgrade {
+            Some(proto) => {
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, proto.clone());
+                parts.extensions.remove::<OnUpgrade>()
+            }
+            None => None,
+        };
+
+        let serverless = snap.upstreams.serverless();
+        let serverless_ok = is_json_post(&parts.method, &parts.headers) && upgrade.is_none();
+        let mut backend = self.place(&snap, decision.backend, serverless_ok, route_name, start);
+
+        // The replay copy: only for small bodies going to vastai with fallback on, and always
+        // for serverless (the payload is wrapped, so it must be whole).
+        let needs_copy =
+            backend == Backend::Vastai && upgrade.is_none() && (table.fallback || serverless);
+        let shadow_plan = match upgrade {
+            Some(_) => crate::shadow::ShadowPlan::Off,
+            None => self.shadow.plan(
+                &snap.shadow,
+                &parts.method,
+                body.size_hint().exact(),
+                snap.health.is_healthy(backend.other()),
+            ),
+        };
+        let limit = snap.replay_limit;
+        let (body, replay) = if needs_copy {
+            match body.size_hint().exact() {
+                Some(n) if n as usize <= limit => {
+                    match Box::pin(Limited::new(body, limit).collect()).await {
+                        Ok(c) => {
+                            let bytes = c.to_bytes();
+                            (full(bytes.clone()), Some(bytes))
+                        }
+                        Err(_) => {
+                            return error_response(
+                                StatusCode::BAD_REQUEST,
+                                "request body could not be read",
+                                None,
+                                &id,
+                            );
+                        }
+                    }
+                }
+                _ if serverless => {
+                    // Too large (or unknown length) to wrap: legacy serves it.
+                    backend = Backend::Legacy;
+                    (body.map_err(BoxError::from).boxed_unsync(), None)
+                }
+                _ => (body.map_err(BoxError::from).boxed_unsync(), None),
+            }
+        } else {
+            (body.map_err(BoxError::from).boxed_unsync(), None)
+        };
+        let (body, shadow_tee) = self
+            .shadow
+            .tee(&snap.shadow, shadow_plan, body, replay.as_ref());
+        // The common case moves the request upstream without copying a header.
+        let out = (replay.is_some() || shadow_tee.is_some()).then(|| Outgoing::of(&parts));
+        let method = parts.method.clone();
+        parts.version = Version::HTTP_11;
+        let req = Request::from_parts(parts, body);
+
+        let guard = InFlight::new(self.metrics.in_flight(backend));
+        let first = self.send(&snap, backend, req, replay.as_ref()).await;
+        let attempt = match &first {
+            Ok(resp) => Attempt::Answered(resp.status()),
+            Err(e) => Attempt::Failed(e),
+        };
+        let replayable = replay.is_some();
+        let (served_by, result) =
+            if self.falls_back(&snap, backend, &method, replayable, attempt, label, start) {
+                drop(first);
+                Box::pin(self.replay_on_legacy(&snap, out.as_ref(), replay)).await
+            } else {
+                (backend, first)
+            };
+        drop(guard);
+
+        let shadow_tee = self.keep_mirror(shadow_tee, result.is_ok(), backend, served_by);
+        match result {
+            Ok(resp) => {
+                let mirror = shadow_tee.zip(out).map(|(task, out)| Pending {
+                    task,
+                    out,
+                    snap: Arc::clone(&snap),
+                });
+                self.finish(
+                    resp, &snap, served_by, label, &id, start, on_upgrade, mirror,
+                )
+            }
+            Err(e) => {
+                self.record_error(&snap, served_by, label, &e, start);
+                error_response(error_status(&e), &e.message, Some(served_by), &id)
+            }
+        }
+    }
+
+    async fn replay_on_legacy(
+        &self,
+        snap: &Snapshot,
+        out: Option<&Outgoing>,
+        replay: Option<Bytes>,
+    ) -> (Backend, Result<Response<UpstreamBody>, UpstreamError>) {
+        let Some(out) = out else {
+            // Unreachable: a replay copy always comes with its request.
+            return (
+                Backend::Legacy,
+                Err(UpstreamError::new(ErrorKind::Other, "nothing to replay")),
+            );
+        };
+        let body = full(replay.unwrap_or_default());
+        let _guard = InFlight::new(self.metrics.in_flight(Backend::Legacy));
+        let res = self
+            .send_http(snap, &snap.upstreams.legacy, out.request(body))
+            .await;
+        (Backend::Legacy, res)
+    }
+
+    async fn send(
+        &self,
+        snap: &Snapshot,
+        backend: Backend,
+        req: Request<Body>,
+        replay: Option<&Bytes>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        if let Some(up) = snap.upstreams.http(backend) {
+            return self.send_http(snap, up, req).await;
+        }
+        let crate::upstream::VastaiUpstream::Serverless(s) = &snap.upstreams.vastai else {
+            return Err(UpstreamError::new(ErrorKind::Other, "no upstream"));
+        };
+        let payload = replay.cloned().unwrap_or_default();
+        // Boxed, like every rare path here: the request future stays small to move.
+        let res = Box::pin(s.call(req.uri(), req.headers(), payload)).await;
+        self.note_health(snap, Backend::Vastai, &res);
+        res
+    }
+
+    async fn send_http(
+        &self,
+        snap: &Snapshot,
+        up: &HttpUpstream,
+        req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let res = up.send(req).await;
+        self.note_health(snap, up.backend, &res);
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        resp: Response<UpstreamBody>,
+        snap: &Snapshot,
+        backend: Backend,
+        route: Route<'_>,
+        id: &HeaderValue,
+        start: Instant,
+        on_upgrade: Option<OnUpgrade>,
+        mirror: Option<Pending>,
+    ) -> Response<Body> {
+        let status = resp.status();
+        self.record(
+            snap,
+            backend,
+            route,
+            Some(status.as_u16()),
+            start,
+            status.is_server_error(),
+        );
+        let (mut parts, body) = resp.into_parts();
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            if let (Some(client_side), Some(upstream_side)) =
+                (on_upgrade, parts.extensions.remove::<OnUpgrade>())
+            {
+                tokio::spawn(tunnel(client_side, upstream_side, backend));
+            }
+        } else {
+            strip_hop_by_hop(&mut parts.headers);
+        }
+        if snap.expose_backend_header {
+            parts.headers.insert(
+                X_VASTSHIFT_BACKEND.clone(),
+                HeaderValue::from_static(backend.as_str()),
+            );
+        }
+        parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+        let body = Tracked {
+            inner: body,
+            _guard: InFlight::new(self.metrics.in_flight(backend)),
+        }
+        .boxed_unsync();
+        let body = match mirror {
+            None => body,
+            Some(Pending { task, out, snap }) => {
+                let origin = Origin {
+                    method: out.method,
+                    target: out.uri.path().to_string(),
+                    route: route.name.to_string(),
+                    served_by: backend,
+                };
+                let outgoing = MirrorRequest::Fields {
+                    uri: out.uri,
+                    headers: out.headers,
+                };
+                let answer = (parts.status.as_u16(), Fields::from_map(&parts.headers));
+                self.shadow
+                    .start(
+                        task,
+                        Proxy::mirror_context(&snap),
+                        origin,
+                        outgoing,
+                        answer,
+                        body,
+                    )
+                    .boxed_unsync()
+            }
+        };
+        Response::from_parts(parts, body)
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upstream.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, backend: Backend) {
+    let (c, u) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(backend = backend.as_str(), error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut c = TokioIo::new(c);
+    let mut u = TokioIo::new(u);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+        tracing::debug!(backend = backend.as_str(), error = %e, "tunnel closed with an error");
+    }
+}

@@ -1,0 +1,314 @@
+//! One request on the lane: the shared policy applied to a head held as bytes. Loads one
+//! snapshot, routes, places, sends the head rewritten for the upstream (SPEC §4) on its own
+//! exchange, falls back to legacy where the policy says so, starts the mirror once the primary's
+//! answer has arrived, and relays the answer.
+
+use std::io;
+use std::sync::Arc;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Uri};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::head::{slice, Field, Head, RawFields, Role};
+use super::write::{answer_head, error, field, flush, relay};
+use super::Step;
+use crate::config::BaseUrl;
+use crate::control::Snapshot;
+use crate::proxy::policy::{Attempt, Route};
+use crate::proxy::{Client, InFlight, Proxy};
+use crate::shadow::compare::Fields;
+use crate::shadow::{Origin, Outgoing, ShadowTask};
+use crate::upstream::h1::Framing;
+use crate::upstream::headers::{
+    self, add_forwarding, new_request_id_bytes, usable_request_id, ForwardingHead, X_REQUEST_ID,
+};
+use crate::upstream::pool::Answer;
+use crate::upstream::{HttpUpstream, UpstreamError};
+use crate::vocab::Backend;
+
+/// One request on the lane.
+pub(super) struct Exchange<'a> {
+    pub proxy: &'a Proxy,
+    pub client: &'a Client,
+    pub buf: &'a [u8],
+    pub fields: &'a [Field],
+    pub head: &'a Head,
+    pub drain: &'a watch::Receiver<bool>,
+}
+
+/// The upstream head being written: forwarding fields go out as they come, since the lane did
+/// not pass the client's fields that they replace (see [`Role`]).
+struct Wire<'a>(&'a mut Vec<u8>);
+
+impl ForwardingHead for Wire<'_> {
+    fn set_list<'v>(&mut self, name: &'static HeaderName, values: impl Iterator<Item = &'v [u8]>) {
+        self.0.extend_from_slice(name.as_str().as_bytes());
+        self.0.extend_from_slice(b": ");
+        for (i, v) in values.enumerate() {
+            if i > 0 {
+                self.0.extend_from_slice(b", ");
+            }
+            self.0.extend_from_slice(v);
+        }
+        self.0.extend_from_slice(b"\r\n");
+    }
+
+    fn set(&mut self, name: &'static HeaderName, value: &[u8]) {
+        field(self.0, name.as_str().as_bytes(), value);
+    }
+
+    fn append(&mut self, name: &'static HeaderName, value: &[u8]) {
+        field(self.0, name.as_str().as_bytes(), value);
+    }
+}
+
+impl Exchange<'_> {
+    pub async fn run(&self, io: &mut TcpStream, out: &mut Vec<u8>, up_head: &mut Vec<u8>) -> Step {
+        let start = Instant::now();
+        let proxy = self.proxy;
+        let snap = proxy.snapshot.load_full();
+        let table = &snap.table;
+        let target = slice(self.buf, self.head.target);
+        let path = target.split(|&b| b == b'?').next().unwrap_or(target);
+        let path = std::str::from_utf8(path).unwrap_or("/");
+        let method = &self.head.method;
+        let fields = RawFields {
+            buf: self.buf,
+            fields: self.fields,
+        };
+        let decision = table.decide_request(method, path, &fields, self.client.ip);
+        let route = decision.route;
+        let route_name = table.route_name(route);
+        let label = Route {
+            at: route,
+            name: route_name,
+        };
+        let backend = proxy.place(&snap, decision.backend, false, route_name, start);
+        let Some(up) = snap.upstreams.http(backend) else {
+            return Step::Handoff;
+        };
+
+        let healthy = snap.health.is_healthy(backend.other());
+        let plan = proxy.shadow.plan(&snap.shadow, method, Some(0), healthy);
+        let mirror = proxy.shadow.task(plan, bytes::Bytes::new());
+
+        let fresh;
+        let id = match self.field(Role::RequestId) {
+            Some(v) if usable_request_id(v) => v,
+            _ => {
+                fresh = new_request_id_bytes();
+                &fresh[..]
+            }
+        };
+
+        let guard = InFlight::new(proxy.metrics.in_flight(backend));
+        let first = self.send(&snap, up, id, up_head).await;
+        let attempt = match &first {
+            Ok(answer) => Attempt::Answered(answer.head.status),
+            Err(e) => Attempt::Failed(e),
+        };
+        let (served_by, up, result) =
+            if proxy.falls_back(&snap, backend, method, true, attempt, label, start) {
+                drop(first);
+                let legacy = &snap.upstreams.legacy;
+                let _guard = InFlight::new(proxy.metrics.in_flight(Backend::Legacy));
+                let res = self.send(&snap, legacy, id, up_head).await;
+                (Backend::Legacy, legacy, res)
+            } else {
+                (backend, up, first)
+            };
+        drop(guard);
+
+        // The answer says `connection: close` when the client asked, or the proxy is draining.
+        let closing = self.head.close || *self.drain.borrow();
+        let step = |written: io::Result<()>| match written {
+            Ok(()) if !closing => Step::Next,
+            _ => Step::Close,
+        };
+        let mirror = proxy.keep_mirror(mirror, result.is_ok(), backend, served_by);
+        let answer = match result {
+            Ok(answer) => answer,
+            Err(e) => {
+                proxy.record_error(&snap, served_by, label, &e, start);
+                error(out, method, &e, served_by, id, closing);
+                return step(flush(io, out).await);
+            }
+        };
+        let status = answer.head.status;
+        proxy.record(
+            &snap,
+            served_by,
+            label,
+            Some(status.as_u16()),
+            start,
+            status.is_server_error(),
+        );
+        let chunked = matches!(answer.head.framing, Framing::Chunked(_) | Framing::Close);
+        let expose = snap.expose_backend_header.then_some(served_by);
+        answer_head(out, method, &answer, id, expose, chunked, closing);
+        // The mirror leaves once the primary's answer has arrived, not while the primary is
+        // under way.
+        let outgoing = match mirror {
+            Some(task) => self.mirror(&snap, task, served_by, id),
+            None => None,
+        };
+        let compared = outgoing
+            .as_ref()
+            .map(|_| (status.as_u16(), Fields::of_head(&answer.head)));
+        let body = up.body(answer);
+        let _guard = InFlight::new(proxy.metrics.in_flight(served_by));
+        let relayed = match (outgoing, compared) {
+            (Some((task, outgoing)), Some(compared)) => {
+                let origin = Origin {
+                    method: method.clone(),
+                    target: String::from_utf8_lossy(target).into_owned(),
+                    route: route_name.to_string(),
+                    served_by,
+                };
+                let context = Proxy::mirror_context(&snap);
+                let body = proxy
+                    .shadow
+                    .start(task, context, origin, outgoing, compared, body);
+                relay(io, out, body, chunked).await
+            }
+            _ => relay(io, out, body, chunked).await,
+        };
+        step(relayed)
+    }
+
+    /// How this request is mirrored: as the head the primary got, rewritten for the backend
+    /// that did not serve it, when that backend is reached over HTTP and has an address; as the
+    /// forwarded fields otherwise, and for a noise sample. `None`, counted as skipped, when the
+    /// request cannot be carried either way.
+    fn mirror(
+        &self,
+        snap: &Snapshot,
+        task: ShadowTask,
+        served_by: Backend,
+        id: &[u8],
+    ) -> Option<(ShadowTask, Outgoing)> {
+        if !task.samples_noise() {
+            if let Some(wire) = self.wire_mirror(snap, served_by, id) {
+                return Some((task, wire));
+            }
+        }
+        match self.mirror_request(id) {
+            Some((uri, headers)) => Some((task, Outgoing::Fields { uri, headers })),
+            None => {
+                // A target or field the mirror cannot carry (e.g. a target over 64 KiB).
+                self.proxy.shadow.skipped();
+                None
+            }
+        }
+    }
+
+    fn wire_mirror(&self, snap: &Snapshot, served_by: Backend, id: &[u8]) -> Option<Outgoing> {
+        let target = Arc::clone(snap.upstreams.http(served_by.other())?);
+        let base = target.target().ok()?;
+        let mut head = Vec::with_capacity(256);
+        self.upstream_head(&mut head, &target, &base, id);
+        head.truncate(head.len() - 2);
+        head.extend_from_slice(b"x-vastshift-shadow: 1\r\n\r\n");
+        Some(Outgoing::Wire { target, base, head })
+    }
+
+    /// The request as the mirror sends it: the forwarded fields, with the client's `Host`
+    /// (the target's own is set when it is sent). Built only for a mirrored request.
+    fn mirror_request(&self, id: &[u8]) -> Option<(Uri, HeaderMap)> {
+        let uri = Uri::try_from(slice(self.buf, self.head.target)).ok()?;
+        // Room for the forwarding fields, the request id and the shadow marker added when the
+        // mirror is sent, so the map never has to grow (a rehash of every field).
+        let mut headers = HeaderMap::with_capacity(self.fields.len() + 7);
+        for f in self.fields {
+            if matches!(f.role, Role::Drop | Role::RequestId) {
+                continue;
+            }
+            headers.append(
+                HeaderName::from_bytes(slice(self.buf, f.name)).ok()?,
+                HeaderValue::from_bytes(slice(self.buf, f.value)).ok()?,
+            );
+        }
+        let host = match self.head.host {
+            Some(h) => Some(HeaderValue::from_bytes(slice(self.buf, h)).ok()?),
+            None => None,
+        };
+        add_forwarding(&mut headers, &self.client.ip_header, host.as_ref());
+        headers.insert(&X_REQUEST_ID, HeaderValue::from_bytes(id).ok()?);
+        Some((uri, headers))
+    }
+
+    fn field(&self, role: Role) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|f| f.role == role)
+            .map(|f| slice(self.buf, f.value))
+    }
+
+    /// Sends the request to `up`; records the outcome for its health.
+    async fn send(
+        &self,
+        snap: &Snapshot,
+        up: &HttpUpstream,
+        id: &[u8],
+        up_head: &mut Vec<u8>,
+    ) -> Result<Answer, UpstreamError> {
+        let res = match up.target() {
+            Ok(base) => {
+                self.upstream_head(up_head, up, &base, id);
+                let is_head = self.head.method == Method::HEAD;
+                up.exchange(&base, up_head, is_head, true).await
+            }
+            Err(e) => Err(e),
+        };
+        self.proxy.note_health(snap, up.backend, &res);
+        res
+    }
+
+    /// The request head for `up` (SPEC §4), as the full path would send it.
+    fn upstream_head(&self, dst: &mut Vec<u8>, up: &HttpUpstream, base: &BaseUrl, id: &[u8]) {
+        let buf = self.buf;
+        dst.clear();
+        dst.extend_from_slice(self.head.method.as_str().as_bytes());
+        dst.push(b' ');
+        dst.extend_from_slice(base.path_prefix.as_bytes());
+        dst.extend_from_slice(slice(buf, self.head.target));
+        dst.extend_from_slice(b" HTTP/1.1\r\n");
+        let host = self.head.host.map(|h| slice(buf, h));
+        if !up.settings.preserve_host {
+            field(dst, b"host", base.host.as_bytes());
+        } else if let Some(h) = host {
+            field(dst, b"host", h);
+        }
+        let auth = up.auth();
+        for f in self.fields {
+            let pass = match f.role {
+                Role::Pass => true,
+                Role::Authorization => auth.is_none(),
+                Role::ForwardedHost => host.is_none(),
+                Role::ForwardedFor | Role::Drop | Role::Host | Role::RequestId => false,
+            };
+            if pass {
+                field(dst, slice(buf, f.name), slice(buf, f.value));
+            }
+        }
+        let earlier = self
+            .fields
+            .iter()
+            .filter(|f| f.role == Role::ForwardedFor)
+            .map(|f| slice(buf, f.value));
+        headers::forward(
+            &mut Wire(dst),
+            earlier,
+            self.client.ip_header.as_bytes(),
+            host,
+        );
+        field(dst, b"x-request-id", id);
+        if let Some(a) = auth {
+            field(dst, b"authorization", a.as_bytes());
+        }
+        dst.extend_from_slice(b"\r\n");
+    }
+}
