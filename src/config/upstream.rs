@@ -1,5 +1,5 @@
-//! `[legacy]` and `[vastai]`: the file's keys as written ([`RawUpstream`]) and the typed
-//! settings they become ([`LegacyConfig`], [`VastaiConfig`] with its [`VastaiMode`]), defaults
+//! `[legacy]` and `[vastai]`: the file's keys as written (`RawUpstream`) and the typed
+//! settings they become (`LegacyConfig`, `VastaiConfig` with its `VastaiMode`), defaults
 //! filled in once, here. The Vast.ai keys are accepted in `[vastai]` only, and each mode carries
 //! its own settings, so no later code checks an `Option` that the mode makes required.
 

@@ -1,7 +1,7 @@
 //! The request policy both server paths share, each rule once: where a request goes
-//! ([`Proxy::place`]), when vastai's answer sends it to legacy instead ([`Proxy::falls_back`]),
-//! whether a planned mirror is still sent once the primary is known ([`Proxy::keep_mirror`]),
-//! what a failure is answered with ([`error_status`], [`error_json`]), and how an outcome is
+//! (`Proxy::place`), when vastai's answer sends it to legacy instead (`Proxy::falls_back`),
+//! whether a planned mirror is still sent once the primary is known (`Proxy::keep_mirror`),
+//! what a failure is answered with (`error_status`, `error_json`), and how an outcome is
 //! recorded (metrics, the guard's windows, passive health). The lane reads and writes heads as
 //! bytes and hyper's path as `HeaderMap`s; every decision in between is made here.
 

@@ -21,9 +21,9 @@
 
 //!
 //! - this file: the connection loop and the handoff to hyper's server.
-//! - [`head`]: the head codec (parse and classify fields).
-//! - [`exchange`]: one request, the policy applied to bytes.
-//! - [`write`]: the byte writers and the body relay.
+//! - `head`: the head codec (parse and classify fields).
+//! - `exchange`: one request, the policy applied to bytes.
+//! - `write`: the byte writers and the body relay.
 
 mod exchange;
 mod head;
