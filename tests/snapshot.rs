@@ -26,6 +26,9 @@ fn config(legacy: &Backend, vastai: &Backend, split: u32, route: u32) -> String 
     )
 }
 
+/// (path, method) -> the body that answered -> how often.
+type Answers = BTreeMap<(String, String), BTreeMap<String, u32>>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_of_several_sections_is_never_seen_half_applied() {
     let (l1, v1, l2, v2) = (
@@ -38,8 +41,7 @@ async fn a_reload_of_several_sections_is_never_seen_half_applied() {
     let b = config(&l2, &v2, 100, 0);
     let vs = Arc::new(Vastshift::start(&a).await);
     let stop = Arc::new(AtomicBool::new(false));
-    // (path, method) -> body -> count
-    let seen: Arc<Mutex<BTreeMap<(String, String), BTreeMap<String, u32>>>> = Arc::default();
+    let seen: Arc<Mutex<Answers>> = Arc::default();
     let mut clients = Vec::new();
     for (path, post) in [("/x", false), ("/r/1", false), ("/x", true), ("/r/1", true)] {
         let (vs, stop, seen) = (Arc::clone(&vs), Arc::clone(&stop), Arc::clone(&seen));

@@ -7,19 +7,22 @@
 //! config string. This module does no I/O beyond reading the file.
 //!
 //! - [`values`]: the value types and their parsers.
+//! - [`sections`]: `[server]`, `[split]`, `[[route]]`, `[shadow]`, `[guard]`, `[ramp]`,
+//!   `[validation]`, with their defaults.
 //! - [`upstream`]: `[legacy]` and `[vastai]`.
 
+pub mod sections;
 pub mod upstream;
 pub mod values;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use http::header::HeaderName;
-use http::Method;
 use serde::Deserialize;
 
+pub use sections::{
+    GuardConfig, RampConfig, RouteConfig, ServerConfig, ShadowConfig, SplitConfig, ValidationConfig,
+};
 pub use upstream::{
     InstanceMode, LegacyConfig, ServerlessMode, UpstreamSettings, VastaiConfig, VastaiMode,
 };
@@ -82,179 +85,6 @@ struct File {
     ramp: RampConfig,
     #[serde(default)]
     validation: ValidationConfig,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    /// The proxy listener: every request here is forwarded.
-    #[serde(deserialize_with = "values::socket_addr")]
-    pub listen: SocketAddr,
-    /// The ops listener: /health, /ready, /metrics and /admin/*.
-    #[serde(deserialize_with = "values::socket_addr")]
-    pub admin_listen: SocketAddr,
-    /// Name of the environment variable holding the admin bearer token.
-    pub admin_token_env: String,
-    /// Where overrides, the rollback latch, ramp progress and the audit tail persist.
-    pub state_file: String,
-    pub shutdown_grace_secs: u64,
-    /// Add `x-vastshift-backend` to responses so clients and tests see who served them.
-    pub expose_backend_header: bool,
-    pub header_read_timeout_ms: u64,
-    pub max_request_header_bytes: usize,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
-            admin_token_env: "VASTSHIFT_ADMIN_TOKEN".into(),
-            state_file: "vastshift-state.json".into(),
-            shutdown_grace_secs: 30,
-            expose_backend_header: true,
-            header_read_timeout_ms: 10_000,
-            max_request_header_bytes: 65_536,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SplitConfig {
-    /// Share of requests sent to vastai.
-    pub percent: Percent,
-    pub sticky: Sticky,
-    /// Mixed into the sticky hash; changing it reshuffles which keys land where.
-    pub salt: String,
-    /// Request header pinning a backend; `""` in the file (none here) disables it.
-    #[serde(deserialize_with = "values::optional_header")]
-    pub override_header: Option<HeaderName>,
-    /// Replay on legacy when vastai cannot be reached (SPEC §4).
-    pub fallback: bool,
-}
-
-impl Default for SplitConfig {
-    fn default() -> Self {
-        SplitConfig {
-            percent: Percent::ZERO,
-            sticky: Sticky::None,
-            salt: "vastshift".into(),
-            override_header: Some(HeaderName::from_static("x-vastshift-backend")),
-            fallback: true,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    pub name: String,
-    pub path_prefix: String,
-    /// `None` matches every method.
-    #[serde(default, deserialize_with = "values::some_methods")]
-    pub methods: Option<Vec<Method>>,
-    pub percent: Percent,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ShadowConfig {
-    pub enabled: bool,
-    pub percent: Percent,
-    #[serde(deserialize_with = "values::methods")]
-    pub methods: Vec<Method>,
-    pub max_body_bytes: usize,
-    pub max_in_flight: usize,
-    pub timeout_ms: u64,
-    #[serde(deserialize_with = "values::header_names")]
-    pub ignore_headers: Vec<HeaderName>,
-    /// RFC 6901 pointers (checked at load); `*` matches any array index.
-    pub ignore_json_paths: Vec<String>,
-    pub noise_samples: Percent,
-}
-
-impl Default for ShadowConfig {
-    fn default() -> Self {
-        ShadowConfig {
-            enabled: false,
-            percent: Percent::FULL,
-            methods: vec![Method::GET, Method::HEAD],
-            max_body_bytes: 1_048_576,
-            max_in_flight: 64,
-            timeout_ms: 5000,
-            ignore_headers: ["date", "server", "x-request-id"]
-                .into_iter()
-                .map(HeaderName::from_static)
-                .collect(),
-            ignore_json_paths: Vec::new(),
-            noise_samples: Percent::ZERO,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GuardConfig {
-    pub enabled: bool,
-    pub window_secs: u64,
-    pub min_requests: u64,
-    pub max_error_rate: f64,
-    pub max_p99_ms: u64,
-    pub max_latency_ratio: f64,
-    pub max_mismatch_rate: f64,
-}
-
-impl Default for GuardConfig {
-    fn default() -> Self {
-        GuardConfig {
-            enabled: true,
-            window_secs: 60,
-            min_requests: 20,
-            max_error_rate: 0.05,
-            max_p99_ms: 0,
-            max_latency_ratio: 0.0,
-            max_mismatch_rate: 0.0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RampConfig {
-    pub steps: Vec<Percent>,
-    pub hold_secs: u64,
-}
-
-impl Default for RampConfig {
-    fn default() -> Self {
-        let steps = [100u16, 500, 2500, 5000, 10_000];
-        RampConfig {
-            steps: steps
-                .iter()
-                .filter_map(|h| Percent::from_hundredths(*h))
-                .collect(),
-            hold_secs: 300,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ValidationConfig {
-    pub max_error_rate: f64,
-    pub max_latency_ratio: f64,
-    pub min_match_rate: f64,
-}
-
-impl Default for ValidationConfig {
-    fn default() -> Self {
-        ValidationConfig {
-            max_error_rate: 0.01,
-            max_latency_ratio: 1.2,
-            min_match_rate: 0.99,
-        }
-    }
 }
 
 /// Reads, parses and validates a config file. Relative paths in it resolve against its folder.
@@ -468,6 +298,8 @@ fn check_nonneg(field: &str, v: f64) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Method;
+    use std::net::SocketAddr;
     use std::time::Duration;
 
     const MIN: &str =

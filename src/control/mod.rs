@@ -33,11 +33,11 @@ use crate::upstream::{Upstreams, VastaiUpstream};
 use crate::vocab::{now_rfc3339, Backend};
 use layers::{audit, build_table, document, effective, latch, route_label};
 pub use layers::{RouteDocument, SplitDocument};
+use ramp::stop_ramp_for_operator;
+pub use ramp::RampAction;
 use snapshot::Parts;
 pub use snapshot::{Snapshot, SnapshotHandle};
-use store::{
-    Actor, AuditEntry, Loaded, Override, PersistedState, RampProgress, RampStatus, StateStore,
-};
+use store::{Actor, AuditEntry, Loaded, Override, PersistedState, RampProgress, StateStore};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ControlError {
@@ -329,119 +329,6 @@ impl Control {
         self.commit(&mut inner);
     }
 
-    /// Starts the ramp at its first step (or restarts it).
-    pub fn ramp_start(&self) -> Result<RampProgress, ControlError> {
-        let mut inner = self.lock();
-        let first = inner
-            .file
-            .ramp
-            .steps
-            .first()
-            .copied()
-            .unwrap_or(Percent::ZERO);
-        let from = json!(self.snapshot().table.percent.as_f64());
-        inner.state.rollback = None;
-        let progress = set_ramp_step(&mut inner, 0, first);
-        audit(
-            &mut inner,
-            Actor::Admin,
-            "ramp start",
-            from,
-            json!(first.as_f64()),
-            None,
-        );
-        self.commit(&mut inner);
-        Ok(progress)
-    }
-
-    /// Pause, resume or abort a ramp. Abort removes the ramp's override: the file's value applies.
-    pub fn ramp_action(&self, action: RampAction) -> Result<Option<RampProgress>, ControlError> {
-        let mut inner = self.lock();
-        let Some(mut progress) = inner.state.ramp.clone() else {
-            return Err(ControlError::Conflict("no ramp has been started".into()));
-        };
-        let now = now_rfc3339();
-        match action {
-            RampAction::Pause => {
-                if progress.status != RampStatus::Running {
-                    return Err(ControlError::Conflict(
-                        format!("ramp is {:?}, not running", progress.status).to_lowercase(),
-                    ));
-                }
-                progress.status = RampStatus::Paused;
-            }
-            RampAction::Resume => {
-                if progress.status != RampStatus::Paused {
-                    return Err(ControlError::Conflict(
-                        format!("ramp is {:?}, not paused", progress.status).to_lowercase(),
-                    ));
-                }
-                progress.status = RampStatus::Running;
-            }
-            RampAction::Abort => {
-                let from = json!(self.snapshot().table.percent.as_f64());
-                if inner
-                    .state
-                    .default_override
-                    .as_ref()
-                    .is_some_and(|o| o.source == Source::Ramp)
-                {
-                    inner.state.default_override = None;
-                }
-                inner.state.ramp = None;
-                let to = json!(build_table(&inner).percent.as_f64());
-                audit(&mut inner, Actor::Admin, "ramp abort", from, to, None);
-                inner.updated_at = now;
-                self.commit(&mut inner);
-                return Ok(None);
-            }
-        }
-        progress.at = now.clone();
-        inner.state.ramp = Some(progress.clone());
-        audit(
-            &mut inner,
-            Actor::Admin,
-            &format!("ramp {}", action.as_str()),
-            json!(null),
-            json!(null),
-            None,
-        );
-        self.commit(&mut inner);
-        Ok(Some(progress))
-    }
-
-    /// Moves a running ramp from step `from_step` to the next one. Returns the new progress, or
-    /// `None` when the ramp is no longer at that step (a concurrent change won).
-    pub fn ramp_advance(&self, from_step: usize) -> Option<RampProgress> {
-        let mut inner = self.lock();
-        let progress = inner.state.ramp.clone()?;
-        if progress.status != RampStatus::Running
-            || progress.step != from_step
-            || inner.state.rollback.is_some()
-        {
-            return None;
-        }
-        let next = from_step + 1;
-        let percent = *inner.file.ramp.steps.get(next)?;
-        let from = json!(self.snapshot().table.percent.as_f64());
-        set_ramp_step(&mut inner, next, percent);
-        if next + 1 == inner.file.ramp.steps.len() {
-            if let Some(r) = inner.state.ramp.as_mut() {
-                r.status = RampStatus::Done;
-            }
-        }
-        audit(
-            &mut inner,
-            Actor::Ramp,
-            &format!("ramp step {}", next + 1),
-            from,
-            json!(percent.as_f64()),
-            None,
-        );
-        self.commit(&mut inner);
-        inner.state.ramp.clone()
-    }
-
     /// Builds, swaps and persists the table; updates the split gauges.
     fn commit(&self, inner: &mut Inner) -> SplitDocument {
         self.publish(inner);
@@ -492,53 +379,6 @@ impl Control {
     }
 }
 
-/// Operator actions on a ramp other than start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RampAction {
-    Pause,
-    Resume,
-    Abort,
-}
-
-impl RampAction {
-    fn as_str(self) -> &'static str {
-        match self {
-            RampAction::Pause => "pause",
-            RampAction::Resume => "resume",
-            RampAction::Abort => "abort",
-        }
-    }
-}
-
-fn set_ramp_step(inner: &mut Inner, step: usize, percent: Percent) -> RampProgress {
-    let now = now_rfc3339();
-    inner.state.default_override = Some(Override {
-        percent,
-        source: Source::Ramp,
-        reason: Some(format!("ramp step {}", step + 1)),
-        at: now.clone(),
-    });
-    let progress = RampProgress {
-        status: RampStatus::Running,
-        step,
-        at: now.clone(),
-    };
-    inner.state.ramp = Some(progress.clone());
-    inner.reason = Some(format!("ramp step {}", step + 1));
-    inner.updated_at = now;
-    progress
-}
-
-/// An operator setting the global split takes it over from a running ramp.
-fn stop_ramp_for_operator(inner: &mut Inner) {
-    if let Some(r) = inner.state.ramp.as_mut() {
-        if matches!(r.status, RampStatus::Running | RampStatus::Paused) {
-            r.status = RampStatus::Stopped;
-            r.at = now_rfc3339();
-        }
-    }
-}
-
 fn check_route(inner: &Inner, route: Option<&str>) -> Result<(), ControlError> {
     match route {
         Some(r) if !inner.file.routes.iter().any(|c| c.name == r) => {
@@ -549,112 +389,4 @@ fn check_route(inner: &Inner, route: Option<&str>) -> Result<(), ControlError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use store::MemoryStore;
-
-    fn config(percent: f64) -> Arc<Config> {
-        let text = format!(
-            "[legacy]\nurl = \"http://127.0.0.1:1\"\n[vastai]\nurl = \"http://127.0.0.1:2\"\n[split]\npercent = {percent}\n[[route]]\nname = \"users\"\npath_prefix = \"/u\"\npercent = 50\n"
-        );
-        Arc::new(crate::config::parse(&text, ".".into()).expect("valid"))
-    }
-
-    fn upstreams(config: &Config) -> Upstreams {
-        Upstreams::build(config, &Default::default()).expect("upstreams")
-    }
-
-    fn control(store: Arc<dyn StateStore>, percent: f64, force: bool) -> Control {
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let config = config(percent);
-        Control::new(
-            Arc::clone(&config),
-            upstreams(&config),
-            Arc::new(Health::new(Arc::clone(&metrics))),
-            store,
-            metrics,
-            Startup {
-                force_legacy: force,
-            },
-        )
-    }
-
-    fn pct(v: f64) -> Percent {
-        Percent::try_from(v).expect("valid")
-    }
-
-    #[test]
-    fn layers_and_rollback_latch() {
-        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
-        let c = control(Arc::clone(&store), 10.0, false);
-        assert_eq!(c.snapshot().table.percent, pct(10.0));
-        c.set_percent(None, pct(30.0), Some("canary".into()))
-            .expect("set");
-        assert_eq!(
-            (c.snapshot().table.percent, c.snapshot().table.source),
-            (pct(30.0), Source::Admin)
-        );
-        let doc = c.rollback(RollbackTrigger::Admin, Some("errors".into()));
-        assert!(doc.rolled_back);
-        assert_eq!(doc.percent, 0.0);
-        assert_eq!(doc.routes[0].percent, 0.0);
-        // A reload to 90 % does not undo the rollback.
-        let ninety = config(90.0);
-        c.apply_file(Arc::clone(&ninety), upstreams(&ninety));
-        assert_eq!(c.snapshot().table.percent, Percent::ZERO);
-        assert!(c.snapshot().table.rolled_back);
-        // A restart restores the latch.
-        let again = control(Arc::clone(&store), 90.0, false);
-        assert!(again.snapshot().table.rolled_back);
-        // DELETE clears it and the file's value applies.
-        let doc = again.clear_override(None, None).expect("clear");
-        assert!(!doc.rolled_back);
-        assert_eq!(doc.percent, 90.0);
-        assert_eq!(doc.source, Source::File);
-        let log = again.audit_log();
-        assert_eq!(log[0].actor, Actor::Admin);
-        assert!(log.iter().any(|e| e.change == "rollback"));
-    }
-
-    #[test]
-    fn unknown_route_and_route_override() {
-        let c = control(Arc::new(MemoryStore::default()), 0.0, false);
-        assert_eq!(
-            c.set_percent(Some("nope"), pct(1.0), None),
-            Err(ControlError::UnknownRoute("nope".into()))
-        );
-        let doc = c
-            .set_percent(Some("users"), pct(75.0), None)
-            .expect("route");
-        assert_eq!(doc.routes[0].percent, 75.0);
-        assert_eq!(doc.routes[0].file_percent, 50.0);
-        assert_eq!(doc.percent, 0.0);
-    }
-
-    #[test]
-    fn force_legacy_starts_rolled_back() {
-        let c = control(Arc::new(MemoryStore::default()), 100.0, true);
-        assert!(c.snapshot().table.rolled_back);
-        assert_eq!(c.snapshot().table.percent, Percent::ZERO);
-        assert_eq!(c.audit_log()[0].actor, Actor::Startup);
-    }
-
-    #[test]
-    fn ramp_walks_steps_and_rollback_stops_it() {
-        let c = control(Arc::new(MemoryStore::default()), 0.0, false);
-        let p = c.ramp_start().expect("start");
-        assert_eq!(p.step, 0);
-        assert_eq!(
-            (c.snapshot().table.percent, c.snapshot().table.source),
-            (pct(1.0), Source::Ramp)
-        );
-        assert!(c.ramp_advance(0).is_some());
-        assert_eq!(c.snapshot().table.percent, pct(5.0));
-        assert!(c.ramp_advance(0).is_none(), "stale step is refused");
-        c.rollback(RollbackTrigger::Guard, Some("error rate".into()));
-        assert_eq!(c.ramp().map(|r| r.status), Some(RampStatus::Stopped));
-        assert!(c.ramp_advance(1).is_none());
-        assert_eq!(c.snapshot().table.source, Source::Guard);
-        assert_eq!(c.ramp_action(RampAction::Abort), Ok(None));
-    }
-}
+mod tests;
