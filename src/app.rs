@@ -1,51 +1,23 @@
 //! The assembled application: every component, built once from a config, and the reload path.
 //!
 //! [`App::build`] wires metrics, health, the upstreams, control (which publishes the first
-//! snapshot), shadow and the proxy; [`App::reload`] re-reads the file and hands a valid one,
-//! with the upstreams built from it, to control, which publishes it in one swap (an invalid one
-//! is rejected whole, logged and counted). The ops listener holds an `Arc<App>`; background
-//! loops get the handles they need.
+//! snapshot), shadow, the proxy and the [`Reloader`]. The ops listener holds an `Arc<App>`;
+//! background loops get the handles they need.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use serde::Serialize;
-
-use crate::config::{self, Config, ConfigError};
+use crate::config::Config;
 use crate::control::store::{FileStore, StateStore};
 use crate::control::{Control, Startup};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::reload::{ReloadError, Reloader};
 use crate::safety::health::Health;
 use crate::shadow::Shadow;
 use crate::upstream::connect::Env;
 use crate::upstream::{BuildError, Upstreams};
-use crate::vocab::now_rfc3339;
-
-/// How the last reload went, for the status report.
-#[derive(Debug, Clone, Serialize)]
-pub struct ReloadResult {
-    pub at: String,
-    pub result: &'static str,
-    pub error: Option<String>,
-}
-
-/// Why a reload was refused; the last good config stays in force.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error("no config file to reload")]
-    NoFile,
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Upstreams(#[from] BuildError),
-}
 
 /// Why the app could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +38,9 @@ pub struct App {
     /// False while starting and once draining: `/ready` answers 503.
     pub ready: AtomicBool,
     pub admin_token: Option<String>,
-    pub config_path: Option<PathBuf>,
     pub env: Env,
-    pub last_reload: Mutex<Option<ReloadResult>>,
-    /// The text of the file last applied, so a touch without a change is not a reload.
-    last_text: Mutex<Option<String>>,
+    /// Re-reads the file and hands it to control; its watcher holds it too.
+    pub reloader: Arc<Reloader>,
 }
 
 /// Options the binary (or a test) passes to [`App::build`].
@@ -117,10 +87,12 @@ impl App {
             .get(&config.server.admin_token_env)
             .filter(|t| !t.is_empty())
             .cloned();
-        let last_text = opts
-            .config_path
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok());
+        let reloader = Arc::new(Reloader::new(
+            opts.config_path,
+            Arc::clone(&control),
+            Arc::clone(&metrics),
+            Arc::clone(&opts.env),
+        ));
         Ok(Arc::new(App {
             control,
             proxy,
@@ -129,10 +101,8 @@ impl App {
             shadow,
             ready: AtomicBool::new(false),
             admin_token,
-            config_path: opts.config_path,
             env: opts.env,
-            last_reload: Mutex::new(None),
-            last_text: Mutex::new(last_text),
+            reloader,
         }))
     }
 
@@ -144,76 +114,8 @@ impl App {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
-    /// Re-reads the config file. `Ok(false)` when its text has not changed.
+    /// Re-reads the config file now (as a change or SIGHUP would); see [`Reloader::reload`].
     pub fn reload(&self) -> Result<bool, ReloadError> {
-        let Some(path) = &self.config_path else {
-            return Err(ReloadError::NoFile);
-        };
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(source) => {
-                return Err(self.reload_failed(ReloadError::Read {
-                    path: path.clone(),
-                    source,
-                }))
-            }
-        };
-        if self
-            .last_text
-            .lock()
-            .map(|t| t.as_deref() == Some(text.as_str()))
-            .unwrap_or(false)
-        {
-            return Ok(false);
-        }
-        let base = path
-            .parent()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let config = match config::parse(&text, base) {
-            Ok(c) => c,
-            Err(e) => return Err(self.reload_failed(e.into())),
-        };
-        let upstreams = match Upstreams::build(&config, &self.env) {
-            Ok(u) => u,
-            Err(e) => return Err(self.reload_failed(e.into())),
-        };
-        let old = self.control.config();
-        if old.server.listen != config.server.listen
-            || old.server.admin_listen != config.server.admin_listen
-        {
-            tracing::warn!("listen addresses changed in the file; they apply at the next restart");
-        }
-        // Everything is built; control publishes it in one swap, so a request sees either the
-        // old or the new config, never a mix.
-        self.control.apply_file(Arc::new(config), upstreams);
-        if let Ok(mut t) = self.last_text.lock() {
-            *t = Some(text);
-        }
-        self.metrics.reload(true);
-        self.record_reload(ReloadResult {
-            at: now_rfc3339(),
-            result: "ok",
-            error: None,
-        });
-        tracing::info!(path = %path.display(), "configuration reloaded");
-        Ok(true)
-    }
-
-    fn reload_failed(&self, error: ReloadError) -> ReloadError {
-        self.metrics.reload(false);
-        tracing::error!(%error, "configuration reload rejected; the last good configuration stays in force");
-        self.record_reload(ReloadResult {
-            at: now_rfc3339(),
-            result: "error",
-            error: Some(error.to_string()),
-        });
-        error
-    }
-
-    fn record_reload(&self, r: ReloadResult) {
-        if let Ok(mut l) = self.last_reload.lock() {
-            *l = Some(r);
-        }
+        self.reloader.reload()
     }
 }

@@ -77,9 +77,9 @@ pub async fn run(
     }
     let supervisor = Supervisor::new(Arc::clone(&app.control));
     tasks.push(tokio::spawn(supervisor.run(stop_rx.clone())));
-    if app.config_path.is_some() {
+    if app.reloader.path.is_some() {
         tasks.push(tokio::spawn(crate::reload::watch(
-            Arc::clone(&app),
+            Arc::clone(&app.reloader),
             stop_rx.clone(),
         )));
     }

@@ -245,12 +245,21 @@ pub fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Err
         .map_err(|_| serde::de::Error::custom(format!("must be IP:PORT, got {s:?}")))
 }
 
+/// Why a method name was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MethodError {
+    #[error("methods are upper case, got {0:?}")]
+    Case(String),
+    #[error("invalid method {0:?}")]
+    Invalid(String),
+}
+
 /// One HTTP method name, upper case as RFC 9110 spells the standard ones.
-pub fn parse_method(m: &str) -> Result<Method, String> {
+pub fn parse_method(m: &str) -> Result<Method, MethodError> {
     if m.is_empty() || m.to_ascii_uppercase() != m {
-        return Err(format!("methods are upper case, got {m:?}"));
+        return Err(MethodError::Case(m.to_string()));
     }
-    Method::from_bytes(m.as_bytes()).map_err(|_| format!("invalid method {m:?}"))
+    Method::from_bytes(m.as_bytes()).map_err(|_| MethodError::Invalid(m.to_string()))
 }
 
 /// A list of HTTP method names.

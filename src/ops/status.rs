@@ -7,9 +7,10 @@
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::app::{App, ReloadResult};
+use crate::app::App;
 use crate::control::ramp::RampDocument;
 use crate::control::SplitDocument;
+use crate::reload::ReloadResult;
 use crate::safety::guard::{self, GuardReport};
 use crate::safety::window::BackendStats;
 use crate::vocab::Backend;
@@ -211,7 +212,7 @@ pub fn report(app: &App) -> StatusReport {
             legacy: app.health.is_healthy(Backend::Legacy),
             vastai: app.health.is_healthy(Backend::Vastai),
         },
-        last_reload: app.last_reload.lock().ok().and_then(|l| l.clone()),
+        last_reload: app.reloader.last(),
         split,
         checks,
     }
