@@ -125,6 +125,7 @@ impl HttpUpstream {
     /// [`Self::auth`]; a head, or a mirror's head and body) and reads the answer's head; the
     /// body follows from [`Self::body`].
     /// `again`: the request is idempotent and may be sent twice (see [`ConnPool`]).
+    #[inline]
     pub async fn exchange(
         &self,
         base: &BaseUrl,

@@ -18,8 +18,20 @@ pub static X_VASTSHIFT_SHADOW: HeaderName = HeaderName::from_static("x-vastshift
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-/// What vastshift appends to `Via`.
-pub const VIA: &[u8] = b"1.1 vastshift";
+/// Defines a forwarding value once, as a literal, so its whole field line can be a constant too.
+macro_rules! forwarding_values {
+    ($($value:ident = $literal:literal, $line:ident = $name:literal;)*) => {$(
+        #[doc = concat!("`", $name, ": ", $literal, "`, as vastshift sets it.")]
+        pub const $value: &str = $literal;
+        #[doc = concat!("The `", $name, "` field line, for heads written as bytes.")]
+        pub const $line: &[u8] = concat!($name, ": ", $literal, "\r\n").as_bytes();
+    )*};
+}
+
+forwarding_values! {
+    PROTO = "http", PROTO_LINE = "x-forwarded-proto";
+    VIA = "1.1 vastshift", VIA_LINE = "via";
+}
 
 /// The hop-by-hop fields every message loses (RFC 9110 §7.6.1), by lowercase name, besides the
 /// ones `Connection` names.
@@ -93,14 +105,17 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
-/// A request head the forwarding fields are written into.
+/// A request head the forwarding fields are written into: a `HeaderMap`, or the lane's raw
+/// head. [`forward`] decides what each field holds; a head only encodes it.
 pub trait ForwardingHead {
-    /// Sets `name` to `values` joined by `", "`, replacing any field of that name.
-    fn set_list<'a>(&mut self, name: &'static HeaderName, values: impl Iterator<Item = &'a [u8]>);
-    /// Sets `name`, replacing any field of that name.
-    fn set(&mut self, name: &'static HeaderName, value: &[u8]);
-    /// Adds a field `name`, after any already there.
-    fn append(&mut self, name: &'static HeaderName, value: &[u8]);
+    /// `X-Forwarded-For`: `hops` joined by `", "`, replacing the client's.
+    fn forwarded_for<'a>(&mut self, hops: impl Iterator<Item = &'a [u8]>);
+    /// `X-Forwarded-Proto: http` ([`PROTO`]), replacing the client's.
+    fn forwarded_proto(&mut self);
+    /// `X-Forwarded-Host`, replacing the client's.
+    fn forwarded_host(&mut self, host: &[u8]);
+    /// `Via: 1.1 vastshift` ([`VIA`]), after any the client sent.
+    fn via(&mut self);
 }
 
 /// SPEC §4's forwarding fields: `X-Forwarded-For` is every earlier hop (`earlier`, the client's
@@ -116,12 +131,12 @@ pub fn forward<'a, H: ForwardingHead>(
     let hops = earlier
         .filter(|v| visible_str(v).is_some())
         .chain(once(client_ip));
-    head.set_list(&X_FORWARDED_FOR, hops);
-    head.set(&X_FORWARDED_PROTO, b"http");
+    head.forwarded_for(hops);
+    head.forwarded_proto();
     if let Some(h) = host {
-        head.set(&X_FORWARDED_HOST, h);
+        head.forwarded_host(h);
     }
-    head.append(&header::VIA, VIA);
+    head.via();
 }
 
 /// The fields a client's head loses because [`forward`] replaces them (`has_host`: the request
@@ -133,29 +148,31 @@ pub fn replaced_by_forwarding(name: &[u8], has_host: bool) -> bool {
 }
 
 impl ForwardingHead for HeaderMap {
-    fn set_list<'a>(&mut self, name: &'static HeaderName, values: impl Iterator<Item = &'a [u8]>) {
+    fn forwarded_for<'a>(&mut self, hops: impl Iterator<Item = &'a [u8]>) {
         let mut joined = Vec::with_capacity(64);
-        for v in values {
+        for v in hops {
             if !joined.is_empty() {
                 joined.extend_from_slice(b", ");
             }
             joined.extend_from_slice(v);
         }
         if let Ok(v) = HeaderValue::from_bytes(&joined) {
-            self.insert(name, v);
+            self.insert(&X_FORWARDED_FOR, v);
         }
     }
 
-    fn set(&mut self, name: &'static HeaderName, value: &[u8]) {
-        if let Ok(v) = HeaderValue::from_bytes(value) {
-            self.insert(name, v);
+    fn forwarded_proto(&mut self) {
+        self.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(PROTO));
+    }
+
+    fn forwarded_host(&mut self, host: &[u8]) {
+        if let Ok(v) = HeaderValue::from_bytes(host) {
+            self.insert(&X_FORWARDED_HOST, v);
         }
     }
 
-    fn append(&mut self, name: &'static HeaderName, value: &[u8]) {
-        if let Ok(v) = HeaderValue::from_bytes(value) {
-            self.append(name, v);
-        }
+    fn via(&mut self) {
+        self.append(header::VIA, HeaderValue::from_static(VIA));
     }
 }
 
@@ -250,6 +267,13 @@ mod tests {
         assert!(!is_hop_by_hop_name(b"host"));
         assert!(!is_hop_by_hop_name(b"x-upgrade"));
         assert!(!is_hop_by_hop_name(b"content-length"));
+    }
+
+    #[test]
+    fn the_constant_lines_match_their_values() {
+        assert_eq!(PROTO_LINE, b"x-forwarded-proto: http\r\n");
+        assert_eq!(VIA_LINE, b"via: 1.1 vastshift\r\n");
+        assert_eq!((PROTO, VIA), ("http", "1.1 vastshift"));
     }
 
     #[test]

@@ -44,10 +44,9 @@ pub(super) struct Exchange<'a> {
 struct Wire<'a>(&'a mut Vec<u8>);
 
 impl ForwardingHead for Wire<'_> {
-    fn set_list<'v>(&mut self, name: &'static HeaderName, values: impl Iterator<Item = &'v [u8]>) {
-        self.0.extend_from_slice(name.as_str().as_bytes());
-        self.0.extend_from_slice(b": ");
-        for (i, v) in values.enumerate() {
+    fn forwarded_for<'v>(&mut self, hops: impl Iterator<Item = &'v [u8]>) {
+        self.0.extend_from_slice(b"x-forwarded-for: ");
+        for (i, v) in hops.enumerate() {
             if i > 0 {
                 self.0.extend_from_slice(b", ");
             }
@@ -56,12 +55,16 @@ impl ForwardingHead for Wire<'_> {
         self.0.extend_from_slice(b"\r\n");
     }
 
-    fn set(&mut self, name: &'static HeaderName, value: &[u8]) {
-        field(self.0, name.as_str().as_bytes(), value);
+    fn forwarded_proto(&mut self) {
+        self.0.extend_from_slice(headers::PROTO_LINE);
     }
 
-    fn append(&mut self, name: &'static HeaderName, value: &[u8]) {
-        field(self.0, name.as_str().as_bytes(), value);
+    fn forwarded_host(&mut self, host: &[u8]) {
+        field(self.0, b"x-forwarded-host", host);
+    }
+
+    fn via(&mut self) {
+        self.0.extend_from_slice(headers::VIA_LINE);
     }
 }
 
@@ -129,54 +132,54 @@ impl Exchange<'_> {
             _ => Step::Close,
         };
         let mirror = proxy.keep_mirror(mirror, result.is_ok(), backend, served_by);
-        let answer = match result {
-            Ok(answer) => answer,
+        match result {
+            Ok(answer) => {
+                let status = answer.head.status;
+                proxy.record(
+                    &snap,
+                    served_by,
+                    label,
+                    Some(status.as_u16()),
+                    start,
+                    status.is_server_error(),
+                );
+                let chunked = matches!(answer.head.framing, Framing::Chunked(_) | Framing::Close);
+                let expose = snap.expose_backend_header.then_some(served_by);
+                answer_head(out, method, &answer, id, expose, chunked, closing);
+                // The mirror leaves once the primary's answer has arrived, not while the
+                // primary is under way.
+                let mirrored = match mirror {
+                    Some(task) => self.mirror(&snap, task, served_by, id).map(|(task, o)| {
+                        (task, o, (status.as_u16(), Fields::of_head(&answer.head)))
+                    }),
+                    None => None,
+                };
+                let body = up.body(answer);
+                let _guard = InFlight::new(proxy.metrics.in_flight(served_by));
+                let relayed = match mirrored {
+                    None => relay(io, out, body, chunked).await,
+                    Some((task, outgoing, compared)) => {
+                        let origin = Origin {
+                            method: method.clone(),
+                            target: String::from_utf8_lossy(target).into_owned(),
+                            route: route_name.to_string(),
+                            served_by,
+                        };
+                        let context = Proxy::mirror_context(&snap);
+                        let body = proxy
+                            .shadow
+                            .start(task, context, origin, outgoing, compared, body);
+                        relay(io, out, body, chunked).await
+                    }
+                };
+                step(relayed)
+            }
             Err(e) => {
                 proxy.record_error(&snap, served_by, label, &e, start);
                 error(out, method, &e, served_by, id, closing);
-                return step(flush(io, out).await);
+                step(flush(io, out).await)
             }
-        };
-        let status = answer.head.status;
-        proxy.record(
-            &snap,
-            served_by,
-            label,
-            Some(status.as_u16()),
-            start,
-            status.is_server_error(),
-        );
-        let chunked = matches!(answer.head.framing, Framing::Chunked(_) | Framing::Close);
-        let expose = snap.expose_backend_header.then_some(served_by);
-        answer_head(out, method, &answer, id, expose, chunked, closing);
-        // The mirror leaves once the primary's answer has arrived, not while the primary is
-        // under way.
-        let outgoing = match mirror {
-            Some(task) => self.mirror(&snap, task, served_by, id),
-            None => None,
-        };
-        let compared = outgoing
-            .as_ref()
-            .map(|_| (status.as_u16(), Fields::of_head(&answer.head)));
-        let body = up.body(answer);
-        let _guard = InFlight::new(proxy.metrics.in_flight(served_by));
-        let relayed = match (outgoing, compared) {
-            (Some((task, outgoing)), Some(compared)) => {
-                let origin = Origin {
-                    method: method.clone(),
-                    target: String::from_utf8_lossy(target).into_owned(),
-                    route: route_name.to_string(),
-                    served_by,
-                };
-                let context = Proxy::mirror_context(&snap);
-                let body = proxy
-                    .shadow
-                    .start(task, context, origin, outgoing, compared, body);
-                relay(io, out, body, chunked).await
-            }
-            _ => relay(io, out, body, chunked).await,
-        };
-        step(relayed)
+        }
     }
 
     /// How this request is mirrored: as the head the primary got, rewritten for the backend
