@@ -33,26 +33,11 @@ fn metric_tokens(text: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn dashboard_rules_and_name_list_use_only_exported_metrics() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 50\n",
-    ))
-    .await;
-    let c = client();
+    let vs = Kit::with("[split]\npercent = 50\n").await;
     for _ in 0..10 {
-        c.get(vs.url("/x")).send().await.unwrap();
+        vs.get("/x").await;
     }
-    let scrape = c
-        .get(vs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = vs.scrape().await;
     let exported: BTreeSet<String> = scrape
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, config, Vastshift};
+use common::{client, Kit, RawServer, Running};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// What the raw backend does with a request, chosen by its path.
 enum Answer {
@@ -68,36 +68,18 @@ struct RawBackend {
     url: String,
     accepted: Arc<AtomicUsize>,
     vanished: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for RawBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _server: RawServer,
 }
 
 async fn raw_backend() -> RawBackend {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let accepted = Arc::new(AtomicUsize::new(0));
     let vanished = Arc::new(AtomicUsize::new(0));
-    let (a, v) = (Arc::clone(&accepted), Arc::clone(&vanished));
-    let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            let Ok((sock, _)) = listener.accept().await else {
-                return;
-            };
-            a.fetch_add(1, Ordering::SeqCst);
-            conns.spawn(serve_conn(sock, Arc::clone(&v)));
-        }
-    });
+    let v = Arc::clone(&vanished);
+    let server = RawServer::start(move |sock| serve_conn(sock, Arc::clone(&v))).await;
     RawBackend {
-        url,
-        accepted,
+        url: server.url.clone(),
+        accepted: Arc::clone(&server.accepted),
         vanished,
-        task,
+        _server: server,
     }
 }
 
@@ -143,18 +125,22 @@ async fn serve_conn(mut sock: TcpStream, vanished: Arc<AtomicUsize>) {
     }
 }
 
-async fn start(legacy: &RawBackend) -> Vastshift {
+/// A raw backend, and vastshift in front of it.
+async fn start() -> (RawBackend, Running) {
+    let legacy = raw_backend().await;
     // vastai is never chosen at 0 %; a closed port keeps it out of the way. Probes are rare so
     // that they do not take pooled connections in the middle of a test.
-    let text = config(&legacy.url, "http://127.0.0.1:9", "[split]\npercent = 0\n")
-        .replace("[legacy]\n", "[legacy]\nhealth_interval_ms = 60000\n");
-    Vastshift::start(&text).await
+    let vs = Kit::with("[split]\npercent = 0\n")
+        .legacy_url(&legacy.url)
+        .legacy_lines("health_interval_ms = 60000\n")
+        .vastai_url("http://127.0.0.1:9")
+        .await;
+    (legacy, vs)
 }
 
 #[tokio::test]
 async fn every_framing_reaches_the_client_intact_and_keeps_the_connection_when_it_can() {
-    let legacy = raw_backend().await;
-    let vs = start(&legacy).await;
+    let (legacy, vs) = start().await;
     let c = client();
 
     let before = legacy.accepted.load(Ordering::SeqCst);
@@ -225,8 +211,7 @@ async fn every_framing_reaches_the_client_intact_and_keeps_the_connection_when_i
 
 #[tokio::test]
 async fn invalid_or_cut_answers_are_errors_and_the_proxy_keeps_serving() {
-    let legacy = raw_backend().await;
-    let vs = start(&legacy).await;
+    let (_legacy, vs) = start().await;
     let c = client();
 
     for path in ["/garbage", "/two-lengths", "/big-head"] {
@@ -255,8 +240,7 @@ async fn invalid_or_cut_answers_are_errors_and_the_proxy_keeps_serving() {
 
 #[tokio::test]
 async fn a_reused_connection_closing_under_a_get_is_retried_but_not_under_a_post() {
-    let legacy = raw_backend().await;
-    let vs = start(&legacy).await;
+    let (legacy, vs) = start().await;
     let c = client();
 
     // From the second request on, each GET goes out on a pooled connection that the backend

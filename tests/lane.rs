@@ -214,38 +214,44 @@ fn streamed(text: &str) -> http::Response<RespBody> {
     http::Response::new(http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed())
 }
 
-/// A backend answering `"{name} {method} {target}"`, plus `" body={body}"` when the request
+/// An echo backend's answer: `"{name} {method} {target}"`, plus `" body={body}"` when the request
 /// carried one, so every answer says which request it belongs to. Under `/stream` the answer
 /// has no length.
-async fn echo(name: &'static str) -> Backend {
-    Backend::start(move |req: Request<Incoming>| async move {
-        let line = format!(
-            "{name} {} {}",
-            req.method(),
-            req.uri().path_and_query().map_or("", |p| p.as_str())
-        );
-        let stream = req.uri().path().starts_with("/stream");
-        let body = req.into_body().collect().await.unwrap().to_bytes();
-        let text = if body.is_empty() {
-            line
-        } else {
-            format!("{line} body={}", String::from_utf8_lossy(&body))
-        };
-        if stream {
-            streamed(&text)
-        } else {
-            respond(200, text)
-        }
-    })
-    .await
+async fn echo(name: &'static str, req: Request<Incoming>) -> http::Response<RespBody> {
+    let line = format!(
+        "{name} {} {}",
+        req.method(),
+        req.uri().path_and_query().map_or("", |p| p.as_str())
+    );
+    let stream = req.uri().path().starts_with("/stream");
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let text = if body.is_empty() {
+        line
+    } else {
+        format!("{line} body={}", String::from_utf8_lossy(&body))
+    };
+    if stream {
+        streamed(&text)
+    } else {
+        respond(200, text)
+    }
 }
 
-/// A proxy sending everything to legacy (the override header aside), with `server` lines
-/// added to `[server]`.
-async fn proxy(legacy: &Backend, vastai: &Backend, server: &str) -> Vastshift {
-    let text = config(&legacy.url(), &vastai.url(), "[split]\npercent = 0\n")
-        .replace("[server]\n", &format!("[server]\n{server}"));
-    Vastshift::start(&text).await
+/// A proxy sending everything to legacy (the override header aside), in front of two [`echo`]
+/// backends, with `server` lines added to `[server]`.
+fn proxy(server: &str) -> Kit {
+    Kit::new()
+        .legacy(|req| echo("legacy", req))
+        .vastai(|req| echo("vastai", req))
+        .server_lines(server)
+        .config("[split]\npercent = 0\n")
+}
+
+/// Starts `kit` and opens one client connection to it.
+async fn connected(kit: Kit) -> (Running, Conn) {
+    let vs = kit.await;
+    let c = Conn::open(vs.addr).await;
+    (vs, c)
 }
 
 /// `"{method} {target}"` of every request a backend saw, in order.
@@ -260,10 +266,8 @@ fn targets(b: &Backend) -> Vec<String> {
 
 #[tokio::test]
 async fn pipelined_requests_in_one_write_are_answered_in_order_on_one_connection() {
-    let legacy = echo("legacy").await;
-    let vastai = echo("vastai").await;
-    let vs = proxy(&legacy, &vastai, "").await;
-    let mut c = Conn::open(vs.addr).await;
+    let (vs, mut c) = connected(proxy("")).await;
+    let (legacy, vastai) = (vs.legacy(), vs.vastai());
     c.send(
         "GET /one?a=1 HTTP/1.1\r\nHost: x\r\n\r\n\
          GET /two HTTP/1.1\r\nHost: x\r\nx-vastshift-backend: vastai\r\n\r\n\
@@ -287,19 +291,17 @@ async fn pipelined_requests_in_one_write_are_answered_in_order_on_one_connection
     let r = c.ask("GET /four HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(r.text(), "legacy GET /four");
     assert_eq!(
-        targets(&legacy),
+        targets(legacy),
         ["GET /one?a=1", "GET /stream", "GET /three", "GET /four"]
     );
-    assert_eq!(targets(&vastai), ["GET /two"]);
+    assert_eq!(targets(vastai), ["GET /two"]);
     vs.stop().await;
 }
 
 #[tokio::test]
 async fn one_connection_carries_bodyless_and_body_requests_in_turn() {
-    let legacy = echo("legacy").await;
-    let vastai = echo("vastai").await;
-    let vs = proxy(&legacy, &vastai, "").await;
-    let mut c = Conn::open(vs.addr).await;
+    let (vs, mut c) = connected(proxy("")).await;
+    let legacy = vs.legacy();
 
     let r = c.ask("GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(r.status, 200);
@@ -335,7 +337,7 @@ async fn one_connection_carries_bodyless_and_body_requests_in_turn() {
     assert_eq!(r.text(), "legacy GET /last");
 
     assert_eq!(
-        targets(&legacy),
+        targets(legacy),
         [
             "GET /first",
             "POST /form",
@@ -356,10 +358,8 @@ async fn one_connection_carries_bodyless_and_body_requests_in_turn() {
 
 #[tokio::test]
 async fn connection_close_is_answered_then_the_connection_closes() {
-    let legacy = echo("legacy").await;
-    let vastai = echo("vastai").await;
-    let vs = proxy(&legacy, &vastai, "").await;
-    let mut c = Conn::open(vs.addr).await;
+    let (vs, mut c) = connected(proxy("")).await;
+    let legacy = vs.legacy();
     // What follows a `Connection: close` request is never served.
     c.send(
         "GET /bye HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n\
@@ -372,7 +372,7 @@ async fn connection_close_is_answered_then_the_connection_closes() {
     assert_eq!(r.text(), "legacy GET /bye");
     let rest = c.closed().await;
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
-    assert_eq!(targets(&legacy), ["GET /bye"]);
+    assert_eq!(targets(legacy), ["GET /bye"]);
     // The client's `close` is about its own connection, not the upstream's.
     let seen = legacy.last().unwrap();
     assert!(
@@ -387,9 +387,8 @@ async fn connection_close_is_answered_then_the_connection_closes() {
 
 #[tokio::test]
 async fn http10_requests_are_answered_and_closed_unless_kept_alive() {
-    let legacy = echo("legacy").await;
-    let vastai = echo("vastai").await;
-    let vs = proxy(&legacy, &vastai, "").await;
+    let vs = proxy("").await;
+    let legacy = vs.legacy();
 
     let mut c = Conn::open(vs.addr).await;
     let r = c.ask("GET /old HTTP/1.0\r\nHost: x\r\n\r\n").await;
@@ -421,7 +420,7 @@ async fn http10_requests_are_answered_and_closed_unless_kept_alive() {
     assert!(c.closed().await.is_empty());
 
     assert_eq!(
-        targets(&legacy),
+        targets(legacy),
         ["GET /old", "GET /stream", "GET /old-ka", "GET /old-last"]
     );
     vs.stop().await;
@@ -429,9 +428,8 @@ async fn http10_requests_are_answered_and_closed_unless_kept_alive() {
 
 #[tokio::test]
 async fn stalled_heads_and_idle_connections_are_closed_after_the_header_read_timeout() {
-    let legacy = echo("legacy").await;
-    let vastai = echo("vastai").await;
-    let vs = proxy(&legacy, &vastai, "header_read_timeout_ms = 300\n").await;
+    let vs = proxy("header_read_timeout_ms = 300\n").await;
+    let legacy = vs.legacy();
     let timely = |took: Duration, at_least: Duration| {
         assert!(
             took >= at_least && took < Duration::from_secs(5),
@@ -462,18 +460,16 @@ async fn stalled_heads_and_idle_connections_are_closed_after_the_header_read_tim
     // The timer runs from the end of the response, a moment before it was read here.
     timely(t0.elapsed(), Duration::from_millis(200));
 
-    assert_eq!(targets(&legacy), ["GET /full"]);
+    assert_eq!(targets(legacy), ["GET /full"]);
     vs.stop().await;
 }
 
 #[tokio::test]
 async fn an_oversized_head_gets_431_and_the_proxy_keeps_serving() {
-    let legacy = echo("legacy").await;
-    let vastai = echo("vastai").await;
-    let vs = proxy(&legacy, &vastai, "max_request_header_bytes = 8192\n").await;
+    let (vs, mut c) = connected(proxy("max_request_header_bytes = 8192\n")).await;
+    let legacy = vs.legacy();
 
     // Under the limit: served.
-    let mut c = Conn::open(vs.addr).await;
     let fits = "f".repeat(6 * 1024);
     let r = c
         .ask(&format!(
@@ -515,15 +511,14 @@ async fn an_oversized_head_gets_431_and_the_proxy_keeps_serving() {
     let mut c = Conn::open(vs.addr).await;
     let r = c.ask("GET /after HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(r.text(), "legacy GET /after");
-    assert_eq!(targets(&legacy), ["GET /fits", "GET /after"]);
+    assert_eq!(targets(legacy), ["GET /fits", "GET /after"]);
     vs.stop().await;
 }
 
 #[tokio::test]
 async fn garbage_heads_get_400_and_never_reach_a_backend() {
-    let legacy = echo("legacy").await;
-    let vastai = echo("vastai").await;
-    let vs = proxy(&legacy, &vastai, "").await;
+    let vs = proxy("").await;
+    let (legacy, vastai) = (vs.legacy(), vs.vastai());
     for garbage in [
         "NOT HTTP\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
@@ -544,29 +539,26 @@ async fn garbage_heads_get_400_and_never_reach_a_backend() {
     let mut c = Conn::open(vs.addr).await;
     let r = c.ask("GET /fine HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(r.text(), "legacy GET /fine");
-    assert_eq!(targets(&legacy), ["GET /fine"]);
-    assert!(targets(&vastai).is_empty());
+    assert_eq!(targets(legacy), ["GET /fine"]);
+    assert!(targets(vastai).is_empty());
     vs.stop().await;
 }
 
-/// A backend whose answers carry hop-by-hop headers and an `x-request-id` of its own; on
-/// `/chunked` its body has no length (so it is sent chunked).
-async fn rewriting_backend() -> Backend {
-    Backend::start(|req: Request<Incoming>| async move {
-        let mut r = if req.uri().path() == "/chunked" {
-            streamed("hello chunked world")
-        } else {
-            respond(200, "plain body")
-        };
-        let h = r.headers_mut();
-        h.insert("connection", "x-up-hop".parse().unwrap());
-        h.insert("x-up-hop", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert("x-request-id", "backend-id".parse().unwrap());
-        h.insert("x-end", "kept".parse().unwrap());
-        r
-    })
-    .await
+/// A rewriting backend's answer: it carries hop-by-hop headers and an `x-request-id` of its
+/// own; on `/chunked` its body has no length (so it is sent chunked).
+async fn rewriting(req: Request<Incoming>) -> http::Response<RespBody> {
+    let mut r = if req.uri().path() == "/chunked" {
+        streamed("hello chunked world")
+    } else {
+        respond(200, "plain body")
+    };
+    let h = r.headers_mut();
+    h.insert("connection", "x-up-hop".parse().unwrap());
+    h.insert("x-up-hop", "1".parse().unwrap());
+    h.insert("keep-alive", "timeout=5".parse().unwrap());
+    h.insert("x-request-id", "backend-id".parse().unwrap());
+    h.insert("x-end", "kept".parse().unwrap());
+    r
 }
 
 /// What every rewritten answer has in common.
@@ -589,10 +581,8 @@ fn assert_rewritten_response(r: &Wire, id: &str) {
 
 #[tokio::test]
 async fn heads_are_rewritten_both_ways() {
-    let legacy = rewriting_backend().await;
-    let vastai = echo("vastai").await;
-    let vs = proxy(&legacy, &vastai, "").await;
-    let mut c = Conn::open(vs.addr).await;
+    let (vs, mut c) = connected(proxy("").legacy(rewriting)).await;
+    let legacy = vs.legacy();
 
     let r = c
         .ask(
@@ -676,10 +666,8 @@ async fn heads_are_rewritten_both_ways() {
 
 #[tokio::test]
 async fn head_answers_carry_the_length_and_no_body() {
-    let legacy = echo("legacy").await;
-    let vastai = echo("vastai").await;
-    let vs = proxy(&legacy, &vastai, "").await;
-    let mut c = Conn::open(vs.addr).await;
+    let (vs, mut c) = connected(proxy("")).await;
+    let legacy = vs.legacy();
     c.send("HEAD /doc HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let r = c.head_response().await;
     assert_eq!(r.status, 200);
@@ -697,7 +685,7 @@ async fn head_answers_carry_the_length_and_no_body() {
     let r = c.response().await;
     assert_eq!(r.text(), "legacy GET /b");
     assert_eq!(
-        targets(&legacy),
+        targets(legacy),
         ["HEAD /doc", "GET /doc", "HEAD /a", "GET /b"]
     );
     vs.stop().await;
@@ -708,7 +696,7 @@ async fn drain_finishes_the_request_in_flight_closes_idle_connections_and_refuse
     let entered = Arc::new(Notify::new());
     let release = Arc::new(Notify::new());
     let (e, r) = (Arc::clone(&entered), Arc::clone(&release));
-    let legacy = Backend::start(move |req: Request<Incoming>| {
+    let legacy = move |req: Request<Incoming>| {
         let (entered, release) = (Arc::clone(&e), Arc::clone(&r));
         async move {
             if req.uri().path() == "/slow" {
@@ -717,11 +705,11 @@ async fn drain_finishes_the_request_in_flight_closes_idle_connections_and_refuse
             }
             respond(200, format!("done {}", req.uri().path()))
         }
-    })
-    .await;
-    let vastai = echo("vastai").await;
+    };
     // A long header timeout: an idle connection closing here can only be the drain.
-    let vs = proxy(&legacy, &vastai, "header_read_timeout_ms = 60000\n").await;
+    let vs = proxy("header_read_timeout_ms = 60000\n")
+        .legacy(legacy)
+        .await;
     let (addr, app) = (vs.addr, Arc::clone(&vs.app));
 
     let mut idle = Conn::open(addr).await;
@@ -752,15 +740,11 @@ async fn drain_finishes_the_request_in_flight_closes_idle_connections_and_refuse
 
 #[tokio::test]
 async fn mirrored_plain_requests_carry_the_forwarded_head_and_are_compared() {
-    let legacy = echo("same").await;
-    let vastai = echo("same").await;
-    let text = config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 0\n[shadow]\nenabled = true\n",
-    );
-    let vs = Vastshift::start(&text).await;
-    let mut c = Conn::open(vs.addr).await;
+    let kit = Kit::with("[split]\npercent = 0\n[shadow]\nenabled = true\n")
+        .legacy(|req| echo("same", req))
+        .vastai(|req| echo("same", req));
+    let (vs, mut c) = connected(kit).await;
+    let (legacy, vastai) = (vs.legacy(), vs.vastai());
     let r = c
         .ask(
             "GET /m?x=1 HTTP/1.1\r\nHost: shop.example\r\nX-Forwarded-For: 203.0.113.7\r\n\

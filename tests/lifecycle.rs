@@ -16,8 +16,6 @@ use futures_util::StreamExt;
 use http::Request;
 use hyper::body::Incoming;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vastshift");
-
 fn split_percent(metrics: &str) -> Option<f64> {
     metrics
         .lines()
@@ -41,21 +39,10 @@ fn reload_count(metrics: &str, result: &str) -> f64 {
 
 #[tokio::test]
 async fn file_changes_apply_and_invalid_files_are_rejected_whole() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let text = |p: &str| {
-        config(
-            &legacy.url(),
-            &vastai.url(),
-            &format!("[split]\npercent = {p}\n"),
-        )
-    };
-    let vs = Vastshift::start(&text("0")).await;
+    let vs = Kit::with("[split]\npercent = 0\n").await;
+    let text = |p: &str| vs.render(&format!("[split]\npercent = {p}\n"));
     let c = client();
-    assert_eq!(
-        served_by(&c.get(vs.url("/")).send().await.unwrap()),
-        "legacy"
-    );
+    assert_eq!(served_by(&vs.get("/").await), "legacy");
 
     let t0 = std::time::Instant::now();
     vs.write_config(&text("100"));
@@ -71,46 +58,18 @@ async fn file_changes_apply_and_invalid_files_are_rejected_whole() {
         text("250"),
         text("100").replace("[split]", "[split]\nunknown_key = 1"),
     ] {
-        let before = reload_count(
-            &c.get(vs.admin_url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap(),
-            "error",
-        );
+        let before = reload_count(&vs.scrape().await, "error");
         vs.write_config(&bad);
         let counted = eventually(3.0, || async {
-            reload_count(
-                &c.get(vs.admin_url("/metrics"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap(),
-                "error",
-            ) > before
+            reload_count(&vs.scrape().await, "error") > before
         })
         .await;
         assert!(counted, "the rejected reload is counted");
         for _ in 0..10 {
-            assert_eq!(
-                served_by(&c.get(vs.url("/")).send().await.unwrap()),
-                "vastai",
-                "old split kept"
-            );
+            assert_eq!(served_by(&vs.get("/").await), "vastai", "old split kept");
         }
     }
-    let status: serde_json::Value = admin(&c, reqwest::Method::GET, vs.admin_url("/admin/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = vs.admin_json("/admin/status").await;
     assert_eq!(status["last_reload"]["result"], "error");
     assert!(
         status["last_reload"]["error"]
@@ -124,16 +83,8 @@ async fn file_changes_apply_and_invalid_files_are_rejected_whole() {
 
 #[tokio::test]
 async fn twenty_reloads_under_load_lose_no_request() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let text = |p: u32| {
-        config(
-            &legacy.url(),
-            &vastai.url(),
-            &format!("[split]\npercent = {p}\n"),
-        )
-    };
-    let vs = Vastshift::start(&text(0)).await;
+    let vs = Kit::with("[split]\npercent = 0\n").await;
+    let text = |p: u32| vs.render(&format!("[split]\npercent = {p}\n"));
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
@@ -153,20 +104,11 @@ async fn twenty_reloads_under_load_lose_no_request() {
             failures
         }));
     }
-    let c = client();
     for i in 1..=20u32 {
         vs.write_config(&text(i * 5));
         let expect = f64::from(i * 5);
         let ok = eventually(3.0, || async {
-            split_percent(
-                &c.get(vs.admin_url("/metrics"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap(),
-            ) == Some(expect)
+            split_percent(&vs.scrape().await) == Some(expect)
         })
         .await;
         assert!(ok, "reload {i} applied");
@@ -184,68 +126,29 @@ async fn twenty_reloads_under_load_lose_no_request() {
     vs.stop().await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A config file for the real binary with fixed free ports.
-fn binary_config(
-    dir: &std::path::Path,
-    legacy: &str,
-    vastai: &str,
-    extra: &str,
-) -> (std::path::PathBuf, u16, u16) {
-    let (pp, ap) = (free_port(), free_port());
-    let path = dir.join("vastshift.toml");
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:{pp}\"\nadmin_listen = \"127.0.0.1:{ap}\"\nshutdown_grace_secs = 10\n[legacy]\nurl = \"{legacy}\"\n[vastai]\nurl = \"{vastai}\"\n{extra}\n"
-    );
-    std::fs::write(&path, text).unwrap();
-    (path, pp, ap)
-}
-
-async fn wait_ready(admin_port: u16) {
-    let c = client();
-    let ready = eventually(10.0, || async {
-        c.get(format!("http://127.0.0.1:{admin_port}/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready, "the binary became ready");
+/// The real binary in front of one backend on both sides, logging warnings to `stderr`, with
+/// a 10 s grace; ready, or the test fails.
+async fn binary(kit: Kit, stderr: Stdio) -> Served {
+    let bin = kit
+        .grace(Some(10))
+        .env("RUST_LOG", "warn")
+        .serve_binary(stderr)
+        .await;
+    assert!(bin.ready_within(10.0).await, "the binary became ready");
+    bin
 }
 
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
-    let legacy = Backend::start(|_req| async {
+    let slow = Kit::new().both(|_req| async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         respond(200, "slow but sure")
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let (path, pp, ap) = binary_config(dir.path(), &legacy.url(), &legacy.url(), "");
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("VASTSHIFT_ADMIN_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_ready(ap).await;
-    let req = tokio::spawn(async move {
-        client()
-            .get(format!("http://127.0.0.1:{pp}/slow"))
-            .send()
-            .await
     });
+    let bin = binary(slow, Stdio::piped()).await;
+    let slow_url = bin.url("/slow");
+    let req = tokio::spawn(async move { client().get(slow_url).send().await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = child.id().to_string();
+    let pid = bin.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -254,7 +157,7 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
     // While draining, readiness is withdrawn.
     let c = client();
     let drained = eventually(1.2, || async {
-        c.get(format!("http://127.0.0.1:{ap}/ready"))
+        c.get(bin.admin_url("/ready"))
             .send()
             .await
             .is_ok_and(|r| r.status() == 503)
@@ -263,10 +166,7 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
     let resp = req.await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "slow but sure");
-    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = bin.output().await;
     assert_eq!(
         status.status.code(),
         Some(0),
@@ -353,6 +253,19 @@ fn check_config_names_the_bad_field_and_never_panics() {
     }
 }
 
+/// A counting backend's answer to an upload: how many body bytes arrived, counted as they
+/// came and not kept.
+async fn counted(req: Request<Incoming>) -> http::Response<RespBody> {
+    let mut body = req.into_body();
+    let mut n = 0u64;
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        if let Ok(d) = frame.unwrap().into_data() {
+            n += d.len() as u64;
+        }
+    }
+    respond(200, n.to_string())
+}
+
 /// Peak resident memory of a process, from /proc (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -366,7 +279,7 @@ async fn a_256_mib_upload_and_download_stream_through_in_bounded_memory() {
     const SIZE: u64 = 256 * 1024 * 1024;
     const CHUNK: usize = 64 * 1024;
     // Counts what it receives without keeping it; serves a generated 256 MiB body on /download.
-    let backend = Backend::start(|req: Request<Incoming>| async move {
+    let backend = Kit::with("[split]\npercent = 50\n").both(|req: Request<Incoming>| async move {
         if req.uri().path() == "/download" {
             let stream = futures_util::stream::iter((0..SIZE / CHUNK as u64).map(|_| {
                 Ok::<_, BoxError>(hyper::body::Frame::data(bytes::Bytes::from_static(
@@ -380,37 +293,15 @@ async fn a_256_mib_upload_and_download_stream_through_in_bounded_memory() {
                 .insert("content-length", SIZE.to_string().parse().unwrap());
             return r;
         }
-        let mut body = req.into_body();
-        let mut n = 0u64;
-        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-            if let Ok(d) = frame.unwrap().into_data() {
-                n += d.len() as u64;
-            }
-        }
-        respond(200, n.to_string())
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let (path, pp, ap) = binary_config(
-        dir.path(),
-        &backend.url(),
-        &backend.url(),
-        "[split]\npercent = 50\n",
-    );
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("VASTSHIFT_ADMIN_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    wait_ready(ap).await;
+        counted(req).await
+    });
+    let mut bin = binary(backend, Stdio::inherit()).await;
     let c = client();
     let chunks = futures_util::stream::iter(
         (0..SIZE / CHUNK as u64).map(|_| Ok::<_, std::io::Error>(vec![1u8; CHUNK])),
     );
     let r = c
-        .post(format!("http://127.0.0.1:{pp}/upload"))
+        .post(bin.url("/upload"))
         .header("content-length", SIZE.to_string())
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
@@ -422,11 +313,7 @@ async fn a_256_mib_upload_and_download_stream_through_in_bounded_memory() {
         SIZE.to_string(),
         "every byte arrived"
     );
-    let r = c
-        .get(format!("http://127.0.0.1:{pp}/download"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(bin.url("/download")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let mut stream = r.bytes_stream();
     let mut got = 0u64;
@@ -434,9 +321,9 @@ async fn a_256_mib_upload_and_download_stream_through_in_bounded_memory() {
         got += chunk.unwrap().len() as u64;
     }
     assert_eq!(got, SIZE);
-    let peak = peak_rss(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    let peak = peak_rss(bin.child.id());
+    let _ = bin.child.kill();
+    let _ = bin.child.wait();
     eprintln!(
         "proxy peak RSS after 2 x 256 MiB: {:.1} MiB",
         peak as f64 / 1048576.0
@@ -449,41 +336,21 @@ async fn a_256_mib_upload_and_download_stream_through_in_bounded_memory() {
 async fn upload_peak_rss(extra: &str) -> u64 {
     const SIZE: u64 = 256 * 1024 * 1024;
     const CHUNK: usize = 64 * 1024;
-    let backend = Backend::start(|req: Request<Incoming>| async move {
-        let mut body = req.into_body();
-        let mut n = 0u64;
-        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-            if let Ok(d) = frame.unwrap().into_data() {
-                n += d.len() as u64;
-            }
-        }
-        respond(200, n.to_string())
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let (path, pp, ap) = binary_config(dir.path(), &backend.url(), &backend.url(), extra);
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("VASTSHIFT_ADMIN_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    wait_ready(ap).await;
+    let mut bin = binary(Kit::with(extra).both(counted), Stdio::inherit()).await;
     let chunks = futures_util::stream::iter(
         (0..SIZE / CHUNK as u64).map(|_| Ok::<_, std::io::Error>(vec![1u8; CHUNK])),
     );
     let r = client()
-        .post(format!("http://127.0.0.1:{pp}/upload"))
+        .post(bin.url("/upload"))
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), SIZE.to_string());
-    let peak = peak_rss(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    let peak = peak_rss(bin.child.id());
+    let _ = bin.child.kill();
+    let _ = bin.child.wait();
     peak
 }
 

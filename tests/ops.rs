@@ -11,60 +11,15 @@ use common::*;
 use reqwest::Method;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vastshift");
-
-/// Sums the samples of `query` (`name` or `name{k="v",...}`) whose labels include those given,
-/// whatever their order in the exposition.
-fn metric(text: &str, query: &str) -> f64 {
-    let (name, wanted) = match query.split_once('{') {
-        Some((n, rest)) => (
-            n,
-            rest.trim_end_matches('}')
-                .split(',')
-                .filter(|p| !p.is_empty())
-                .collect::<Vec<_>>(),
-        ),
-        None => (query, Vec::new()),
-    };
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter(|l| {
-            let labels = l
-                .split_once('{')
-                .map_or("", |(_, r)| r.split('}').next().unwrap_or(""));
-            let have: Vec<&str> = labels.split(',').collect();
-            wanted.iter().all(|w| have.contains(w))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn scrape(vs: &Vastshift) -> String {
-    client()
-        .get(vs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 async fn split_doc(vs: &Vastshift) -> Value {
     admin_json(vs, "/admin/split").await
 }
 
 #[tokio::test]
 async fn every_metric_is_exported_counts_match_and_labels_are_closed() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::start(|_req| async { respond(503, "busy") }).await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 50\nfallback = false\n[guard]\nenabled = false\n[[route]]\nname = \"users\"\npath_prefix = \"/users\"\npercent = 0\n",
-    ))
-    .await;
+    let vs = Kit::with("[split]\npercent = 50\nfallback = false\n[guard]\nenabled = false\n[[route]]\nname = \"users\"\npath_prefix = \"/users\"\npercent = 0\n")
+        .vastai(|_req| async { respond(503, "busy") })
+        .await;
     let c = client();
     for i in 0..60 {
         let _ = c
@@ -76,7 +31,7 @@ async fn every_metric_is_exported_counts_match_and_labels_are_closed() {
     for i in 0..15 {
         let _ = c.get(vs.url(&format!("/users/{i}"))).send().await.unwrap();
     }
-    let text = scrape(&vs).await;
+    let text = vs.scrape().await;
     for family in [
         "vastshift_requests_total",
         "vastshift_request_duration_seconds_bucket",
@@ -145,53 +100,21 @@ async fn every_metric_is_exported_counts_match_and_labels_are_closed() {
         assert!(value.parse::<f64>().is_ok(), "{line}");
     }
     // The split gauge follows every change.
-    admin(&c, Method::PUT, vs.admin_url("/admin/split"))
-        .body(r#"{"percent": 12.5}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        metric(
-            &scrape(&vs).await,
-            "vastshift_split_percent{route=\"default\"}"
-        ),
-        12.5
-    );
-    admin(&c, Method::POST, vs.admin_url("/admin/rollback"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        metric(
-            &scrape(&vs).await,
-            "vastshift_split_percent{route=\"default\"}"
-        ),
-        0.0
-    );
-    admin(&c, Method::DELETE, vs.admin_url("/admin/split"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        metric(
-            &scrape(&vs).await,
-            "vastshift_split_percent{route=\"default\"}"
-        ),
-        50.0
-    );
+    let gauge = "vastshift_split_percent{route=\"default\"}";
+    vs.admin_send(Method::PUT, "/admin/split", r#"{"percent": 12.5}"#)
+        .await;
+    assert_eq!(vs.metric(gauge).await, 12.5);
+    vs.admin_send(Method::POST, "/admin/rollback", "").await;
+    assert_eq!(vs.metric(gauge).await, 0.0);
+    vs.admin_send(Method::DELETE, "/admin/split", "").await;
+    assert_eq!(vs.metric(gauge).await, 50.0);
     vs.stop().await;
 }
 
 #[tokio::test]
 async fn admin_auth_and_input_validation() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[[route]]\nname = \"users-read\"\npath_prefix = \"/u\"\npercent = 10\n",
-    ))
-    .await;
+    let vs =
+        Kit::with("[[route]]\nname = \"users-read\"\npath_prefix = \"/u\"\npercent = 10\n").await;
     let c = client();
     let url = vs.admin_url("/admin/split");
     assert_eq!(c.get(&url).send().await.unwrap().status(), 401);
@@ -279,27 +202,13 @@ async fn admin_auth_and_input_validation() {
     assert_eq!(doc["routes"][0]["file_percent"], 10.0);
     assert_eq!(doc["percent"], 0.0);
     assert_eq!(doc["source"], "file");
-    admin(
-        &c,
-        Method::DELETE,
-        vs.admin_url("/admin/split?route=users-read"),
-    )
-    .send()
-    .await
-    .unwrap();
+    vs.admin_send(Method::DELETE, "/admin/split?route=users-read", "")
+        .await;
     assert_eq!(split_doc(&vs).await["routes"][0]["percent"], 10.0);
     // explain
-    let v: Value = admin(
-        &c,
-        Method::GET,
-        vs.admin_url("/admin/explain?key=alice&path=/u/1&method=GET"),
-    )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let v = vs
+        .admin_json("/admin/explain?key=alice&path=/u/1&method=GET")
+        .await;
     assert_eq!(v["route"], "users-read");
     assert_eq!(v["bucket"], 8257);
     assert_eq!(v["backend"], "legacy");
@@ -316,35 +225,22 @@ async fn admin_auth_and_input_validation() {
 
 #[tokio::test]
 async fn rollback_is_immediate_and_survives_reload_and_restart() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let text = |p: u32| {
-        config(
-            &legacy.url(),
-            &vastai.url(),
-            &format!("[split]\npercent = {p}\n"),
+    let text = |p: u32| format!("[split]\npercent = {p}\n");
+    let vs = Kit::with(text(100)).await;
+    assert_eq!(served_by(&vs.get("/").await), "vastai");
+    let r = vs
+        .admin_send(
+            Method::POST,
+            "/admin/rollback",
+            r#"{"reason": "errors spiking"}"#,
         )
-    };
-    let vs = Vastshift::start(&text(100)).await;
-    let c = client();
-    assert_eq!(
-        served_by(&c.get(vs.url("/")).send().await.unwrap()),
-        "vastai"
-    );
-    let r = admin(&c, Method::POST, vs.admin_url("/admin/rollback"))
-        .body(r#"{"reason": "errors spiking"}"#)
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
     for _ in 0..20 {
-        assert_eq!(
-            served_by(&c.get(vs.url("/")).send().await.unwrap()),
-            "legacy"
-        );
+        assert_eq!(served_by(&vs.get("/").await), "legacy");
     }
     // A reload that sets 90 % does not undo it.
-    vs.write_config(&text(90));
+    vs.write_config(&vs.render(&text(90)));
     let reloaded = eventually(3.0, || async {
         split_doc(&vs).await["file_percent"] == 90.0
     })
@@ -356,22 +252,13 @@ async fn rollback_is_immediate_and_survives_reload_and_restart() {
         (Some(0.0), Some(true))
     );
     assert_eq!(doc["reason"], "errors spiking");
-    assert_eq!(
-        served_by(&c.get(vs.url("/")).send().await.unwrap()),
-        "legacy"
-    );
-    let metrics = scrape(&vs).await;
+    assert_eq!(served_by(&vs.get("/").await), "legacy");
+    let metrics = vs.scrape().await;
     assert_eq!(
         metric(&metrics, "vastshift_rollbacks_total{trigger=\"admin\"}"),
         1.0
     );
-    let audit: Value = admin(&c, Method::GET, vs.admin_url("/admin/audit"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit = vs.admin_json("/admin/audit").await;
     let entries = audit.as_array().unwrap();
     assert!(entries.iter().any(|e| e["actor"] == "admin"
         && e["change"] == "rollback"
@@ -390,26 +277,14 @@ async fn rollback_is_immediate_and_survives_reload_and_restart() {
     let state = dir.join("vastshift-state.json");
     let keep = tempfile::tempdir().unwrap();
     std::fs::copy(&state, keep.path().join("vastshift-state.json")).unwrap();
-    vs.stop().await;
-    let vs = Vastshift::start_with(
-        &text(90),
-        StartOptions {
-            dir: Some(keep.path().to_path_buf()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let kit = vs.stop().await;
+    let vs = kit.config(text(90)).dir(keep.path()).await;
     assert_eq!(split_doc(&vs).await["rolled_back"], true);
-    assert_eq!(
-        served_by(&c.get(vs.url("/")).send().await.unwrap()),
-        "legacy"
-    );
+    assert_eq!(served_by(&vs.get("/").await), "legacy");
     // DELETE returns to the file's value.
-    let doc: Value = admin(&c, Method::DELETE, vs.admin_url("/admin/split"))
-        .send()
+    let doc: Value = vs
+        .admin_send(Method::DELETE, "/admin/split", "")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -423,30 +298,16 @@ async fn rollback_is_immediate_and_survives_reload_and_restart() {
 
 #[tokio::test]
 async fn corrupt_state_starts_on_legacy_and_the_kill_switch_forces_it() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let text = config(&legacy.url(), &vastai.url(), "[split]\npercent = 100\n");
+    let text = "[split]\npercent = 100\n";
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("vastshift-state.json"),
         b"{\"rollback\": tru",
     )
     .unwrap();
-    let vs = Vastshift::start_with(
-        &text,
-        StartOptions {
-            dir: Some(dir.path().to_path_buf()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let c = client();
+    let vs = Kit::with(text).dir(dir.path()).await;
     for _ in 0..10 {
-        assert_eq!(
-            served_by(&c.get(vs.url("/")).send().await.unwrap()),
-            "legacy"
-        );
+        assert_eq!(served_by(&vs.get("/").await), "legacy");
     }
     let moved: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -457,13 +318,7 @@ async fn corrupt_state_starts_on_legacy_and_the_kill_switch_forces_it() {
     assert!(moved[0]["vastshift-state.json.corrupt-".len()..]
         .chars()
         .all(|c| c.is_ascii_digit()));
-    let audit: Value = admin(&c, Method::GET, vs.admin_url("/admin/audit"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit = vs.admin_json("/admin/audit").await;
     assert_eq!(audit[0]["actor"], "startup");
     assert!(
         audit[0]["reason"]
@@ -474,27 +329,16 @@ async fn corrupt_state_starts_on_legacy_and_the_kill_switch_forces_it() {
     );
     assert_eq!(
         metric(
-            &scrape(&vs).await,
+            &vs.scrape().await,
             "vastshift_rollbacks_total{trigger=\"startup\"}"
         ),
         1.0
     );
-    vs.stop().await;
+    let kit = vs.stop().await;
 
-    let vs = Vastshift::start_with(
-        &text,
-        StartOptions {
-            force_legacy: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let vs = kit.config(text).force_legacy().await;
     for _ in 0..10 {
-        assert_eq!(
-            served_by(&c.get(vs.url("/")).send().await.unwrap()),
-            "legacy"
-        );
+        assert_eq!(served_by(&vs.get("/").await), "legacy");
     }
     assert_eq!(split_doc(&vs).await["rolled_back"], true);
     vs.stop().await;
@@ -502,29 +346,15 @@ async fn corrupt_state_starts_on_legacy_and_the_kill_switch_forces_it() {
 
 #[tokio::test]
 async fn tokenless_admin_only_on_loopback() {
-    let legacy = Backend::named("legacy").await;
-    let text = config(&legacy.url(), &legacy.url(), "");
-    let err = Vastshift::start_with(
-        &text,
-        StartOptions {
-            no_token: true,
-            admin_bind: Some("0.0.0.0:0".into()),
-            ..Default::default()
-        },
-    )
-    .await
-    .err()
-    .expect("refuses to start");
+    let tokenless = || Kit::new().both(named("legacy")).no_token();
+    let err = tokenless()
+        .admin_bind("0.0.0.0:0")
+        .try_start()
+        .await
+        .err()
+        .expect("refuses to start");
     assert!(err.to_string().contains("VASTSHIFT_ADMIN_TOKEN"), "{err}");
-    let vs = Vastshift::start_with(
-        &text,
-        StartOptions {
-            no_token: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let vs = tokenless().await;
     let r = client()
         .get(vs.admin_url("/admin/split"))
         .send()
@@ -551,9 +381,7 @@ fn cli(args: &[&str], admin: &str, token: &str) -> (i32, String, String) {
 
 #[tokio::test]
 async fn cli_exit_codes_and_output() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(&legacy.url(), &vastai.url(), "")).await;
+    let vs = Kit::new().await;
     let base = format!("http://{}", vs.admin);
     let run = |args: Vec<&'static str>, token: &'static str| {
         let base = base.clone();
@@ -622,50 +450,23 @@ async fn cli_exit_codes_and_output() {
 #[tokio::test]
 async fn the_vastai_key_reaches_vastai_only_and_never_leaks() {
     const SECRET: &str = "sk-PLANTED-4242-secret";
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::start(|_req| async { respond(502, "bad gateway") }).await;
-    let text = config(&legacy.url(), &vastai.url(), "[split]\npercent = 50\n")
-        .replace("[vastai]\n", "[vastai]\napi_key_env = \"VASTAI_API_KEY\"\n");
     let dir = tempfile::tempdir().unwrap();
-    let (pp, ap) = (free_port(), free_port());
-    let text = text
-        .replace(
-            "admin_listen = \"127.0.0.1:0\"",
-            &format!("admin_listen = \"127.0.0.1:{ap}\""),
-        )
-        .replace(
-            "\nlisten = \"127.0.0.1:0\"",
-            &format!("\nlisten = \"127.0.0.1:{pp}\""),
-        );
-    let path = dir.path().join("vastshift.toml");
-    std::fs::write(&path, &text).unwrap();
     let log = std::fs::File::create(dir.path().join("log.txt")).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("VASTSHIFT_ADMIN_TOKEN", TOKEN)
+    let mut bin = Kit::new()
+        .vastai(|_req| async { respond(502, "bad gateway") })
+        .vastai_lines("api_key_env = \"VASTAI_API_KEY\"\n")
+        .config("[split]\npercent = 50\n")
         .env("VASTAI_API_KEY", SECRET)
         .env("RUST_LOG", "trace")
-        .stderr(log)
-        .spawn()
-        .unwrap();
+        .dir(dir.path())
+        .serve_binary(log)
+        .await;
+    let (legacy, vastai) = (bin.legacy(), bin.vastai());
     let c = client();
-    let admin_base = format!("http://127.0.0.1:{ap}");
-    assert!(
-        eventually(10.0, || async {
-            c.get(format!("{admin_base}/ready"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await
-    );
+    let admin_base = bin.admin_url("");
+    assert!(bin.ready_within(10.0).await);
     for i in 0..30 {
-        let _ = c
-            .get(format!("http://127.0.0.1:{pp}/k/{i}"))
-            .send()
-            .await
-            .unwrap();
+        let _ = c.get(bin.url(&format!("/k/{i}"))).send().await.unwrap();
     }
     let vastai_auth: Vec<String> = vastai
         .seen
@@ -691,14 +492,7 @@ async fn the_vastai_key_reaches_vastai_only_and_never_leaks() {
     );
     let mut everything = String::new();
     for p in ["/health", "/ready", "/metrics"] {
-        everything += &c
-            .get(format!("{admin_base}{p}"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        everything += &text_of(c.get(format!("{admin_base}{p}"))).await;
     }
     for p in [
         "/admin/split",
@@ -707,36 +501,25 @@ async fn the_vastai_key_reaches_vastai_only_and_never_leaks() {
         "/admin/explain?key=a",
         "/admin/shadow",
     ] {
-        everything += &c
-            .get(format!("{admin_base}{p}"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        everything += &text_of(c.get(format!("{admin_base}{p}")).bearer_auth(TOKEN)).await;
     }
     admin(&c, Method::POST, format!("{admin_base}/admin/rollback"))
         .send()
         .await
         .unwrap();
     // Reload with a broken file: the error must not carry the key either.
-    std::fs::write(&path, text.replace("[split]", "[split]\nbogus = 1")).unwrap();
+    std::fs::write(
+        &bin.config_path,
+        bin.text.replace("[split]", "[split]\nbogus = 1"),
+    )
+    .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
-    everything += &c
-        .get(format!("{admin_base}/admin/status"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let req = c.get(format!("{admin_base}/admin/status"));
+    everything += &text_of(req.bearer_auth(TOKEN)).await;
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &bin.child.id().to_string()])
         .status();
-    let _ = child.wait();
+    let _ = bin.child.wait();
     let logs = std::fs::read_to_string(dir.path().join("log.txt")).unwrap();
     assert!(logs.len() > 1000, "trace logging was on");
     assert!(
@@ -748,12 +531,4 @@ async fn the_vastai_key_reaches_vastai_only_and_never_leaks() {
         !logs.contains("PLANTED"),
         "part of the key leaked into the logs"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

@@ -33,28 +33,28 @@ async fn settled(vs: &Vastshift, n: u64) -> Value {
     shadow_doc(vs).await
 }
 
-async fn json_backend(v: Value) -> Backend {
+/// A handler answering every request with the JSON document `v`.
+fn json_answer(v: Value) -> impl Serve<HandlerFuture> {
     let v = Arc::new(v);
-    Backend::start(move |_req| {
+    move |_req: Request<Incoming>| -> HandlerFuture {
         let v = Arc::clone(&v);
-        async move { json_response(200, &v) }
-    })
-    .await
+        Box::pin(async move { json_response(200, &v) })
+    }
 }
 
 const SHADOW_ON: &str = "[split]\npercent = 0\n[shadow]\nenabled = true\n";
 
 #[tokio::test]
 async fn identical_reordered_and_ignored_answers_match_and_a_changed_field_mismatches() {
-    let legacy = json_backend(
-        json!({"id": 7, "name": "ann", "meta": {"at": 1}, "items": [{"ts": 1, "v": 1}]}),
-    )
-    .await;
-    let same = json_backend(
-        json!({"items": [{"v": 1, "ts": 1}], "meta": {"at": 1}, "name": "ann", "id": 7.0}),
-    )
-    .await;
-    let vs = Vastshift::start(&config(&legacy.url(), &same.url(), SHADOW_ON)).await;
+    let vs = Kit::with(SHADOW_ON)
+        .legacy(json_answer(
+            json!({"id": 7, "name": "ann", "meta": {"at": 1}, "items": [{"ts": 1, "v": 1}]}),
+        ))
+        .vastai(json_answer(
+            json!({"items": [{"v": 1, "ts": 1}], "meta": {"at": 1}, "name": "ann", "id": 7.0}),
+        ))
+        .await;
+    let same = vs.vastai();
     let c = client();
     for i in 0..10 {
         let r = c.get(vs.url(&format!("/users/{i}"))).send().await.unwrap();
@@ -73,13 +73,12 @@ async fn identical_reordered_and_ignored_answers_match_and_a_changed_field_misma
     assert!(mirrored
         .iter()
         .all(|s| s.headers["x-vastshift-shadow"] == "1"));
-    vs.stop().await;
+    let kit = vs.stop().await;
 
-    let other = json_backend(
+    let other = json_answer(
         json!({"id": 7, "name": "bob", "meta": {"at": 2}, "items": [{"ts": 9, "v": 1}]}),
-    )
-    .await;
-    let vs = Vastshift::start(&config(&legacy.url(), &other.url(), SHADOW_ON)).await;
+    );
+    let vs = kit.vastai(other).config(SHADOW_ON).await;
     for i in 0..10 {
         c.get(vs.url(&format!("/users/{i}"))).send().await.unwrap();
     }
@@ -100,24 +99,17 @@ async fn identical_reordered_and_ignored_answers_match_and_a_changed_field_misma
     assert_eq!(m["primary_backend"], "legacy");
     assert_eq!(m["shadow_backend"], "vastai");
     assert_eq!(m["path"], "/users/9", "newest first");
-    let metrics = c
-        .get(vs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = vs.scrape().await;
     assert!(
         metrics.contains("vastshift_shadow_requests_total{result=\"mismatch\"} 10"),
         "{metrics}"
     );
-    vs.stop().await;
+    let kit = vs.stop().await;
 
     // The same differences, ignored by pointer (with a wildcard over array items).
     let ignoring =
         format!("{SHADOW_ON}ignore_json_paths = [\"/name\", \"/meta/at\", \"/items/*/ts\"]\n");
-    let vs = Vastshift::start(&config(&legacy.url(), &other.url(), &ignoring)).await;
+    let vs = kit.config(ignoring).await;
     for i in 0..10 {
         c.get(vs.url(&format!("/users/{i}"))).send().await.unwrap();
     }
@@ -135,7 +127,7 @@ async fn noise_is_learned_without_any_ignore_rule() {
     let counter = Arc::new(AtomicU64::new(0));
     let make = |name: &'static str| {
         let counter = Arc::clone(&counter);
-        Backend::start(move |_req| {
+        move |_req: Request<Incoming>| {
             let n = counter.fetch_add(1, Ordering::Relaxed);
             async move {
                 json_response(
@@ -143,16 +135,12 @@ async fn noise_is_learned_without_any_ignore_rule() {
                     &json!({"name": "ann", "generated_at": format!("t{n}"), "by": name.len()}),
                 )
             }
-        })
+        }
     };
-    let legacy = make("legacy").await;
-    let vastai = make("vastai").await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        &format!("{SHADOW_ON}noise_samples = 100\n"),
-    ))
-    .await;
+    let vs = Kit::with(format!("{SHADOW_ON}noise_samples = 100\n"))
+        .legacy(make("legacy"))
+        .vastai(make("vastai"))
+        .await;
     let c = client();
     c.get(vs.url("/a")).send().await.unwrap();
     let first = settled(&vs, 1).await;
@@ -171,18 +159,13 @@ async fn noise_is_learned_without_any_ignore_rule() {
 
 #[tokio::test]
 async fn a_slow_or_dead_shadow_never_slows_the_client_and_excess_mirrors_are_dropped() {
-    let legacy = Backend::named("legacy").await;
-    let slow = Backend::start(|_req| async {
+    let slow = |_req| async {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         respond(200, "legacy")
-    })
-    .await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &slow.url(),
-        &format!("{SHADOW_ON}max_in_flight = 2\ntimeout_ms = 3000\n"),
-    ))
-    .await;
+    };
+    let vs = Kit::with(format!("{SHADOW_ON}max_in_flight = 2\ntimeout_ms = 3000\n"))
+        .vastai(slow)
+        .await;
     let c = client();
     for _ in 0..10 {
         let t0 = Instant::now();
@@ -199,12 +182,9 @@ async fn a_slow_or_dead_shadow_never_slows_the_client_and_excess_mirrors_are_dro
         d["dropped"].as_u64().unwrap() >= 7,
         "beyond max_in_flight mirrors are dropped: {d}"
     );
-    vs.stop().await;
+    let kit = vs.stop().await;
 
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead_url = format!("http://{}", dead.local_addr().unwrap());
-    drop(dead);
-    let vs = Vastshift::start(&config(&legacy.url(), &dead_url, SHADOW_ON)).await;
+    let vs = kit.vastai_url(dead_url().await).config(SHADOW_ON).await;
     for _ in 0..10 {
         let r = c.get(vs.url("/fast")).send().await.unwrap();
         assert_eq!(r.status(), 200);
@@ -220,20 +200,15 @@ async fn a_mirror_is_bounded_by_the_shorter_of_the_shadow_and_target_timeouts() 
     // A GET and a PUT with a small body are mirrored on vastshift's own exchange, which arms the
     // target's timeout only when it is the shorter; a PUT with a body over 64 KiB on hyper's
     // client. The shorter bound ends each.
-    let legacy = Backend::named("legacy").await;
     // The mirror target gives legacy's answer, a second late (health probes at once, so the
     // target is never taken for down).
-    let late = Backend::start(|req| async move {
-        let probe = req
-            .headers()
-            .get("user-agent")
-            .is_some_and(|v| v == "vastshift-health");
-        if !probe {
+    let late = |req: Request<Incoming>| async move {
+        if !is_probe(&req) {
             tokio::time::sleep(Duration::from_millis(1000)).await;
         }
         respond(200, "legacy")
-    })
-    .await;
+    };
+    let mut kit = Kit::new().vastai(late);
     let c = client();
     // (target timeout_ms, shadow timeout_ms, the mirror's verdict)
     let cases = [
@@ -242,16 +217,13 @@ async fn a_mirror_is_bounded_by_the_shorter_of_the_shadow_and_target_timeouts() 
         (None, 200, "errors"),
     ];
     for (target_timeout, shadow_timeout, verdict) in cases {
-        let mut text = config(
-            &legacy.url(),
-            &late.url(),
-            &format!("{SHADOW_ON}timeout_ms = {shadow_timeout}\nmethods = [\"GET\", \"PUT\"]\n"),
-        );
+        kit = kit.config(format!(
+            "{SHADOW_ON}timeout_ms = {shadow_timeout}\nmethods = [\"GET\", \"PUT\"]\n"
+        ));
         if let Some(ms) = target_timeout {
-            let url = format!("url = \"{}\"\n", late.url());
-            text = text.replace(&url, &format!("{url}timeout_ms = {ms}\n"));
+            kit = kit.vastai_lines(&format!("timeout_ms = {ms}\n"));
         }
-        let vs = Vastshift::start(&text).await;
+        let vs = kit.await;
         let r = c.get(vs.url("/v1/ping")).send().await.unwrap();
         assert_eq!(r.text().await.unwrap(), "legacy");
         for body in [vec![b'{', b'}'], vec![b'x'; 70_000]] {
@@ -263,7 +235,7 @@ async fn a_mirror_is_bounded_by_the_shorter_of_the_shadow_and_target_timeouts() 
             d[verdict], 3,
             "target timeout {target_timeout:?}, shadow timeout {shadow_timeout}: {d}"
         );
-        vs.stop().await;
+        kit = vs.stop().await;
     }
 }
 
@@ -323,16 +295,14 @@ fn last_mirror(seen: &Mutex<Vec<(String, Vec<u8>)>>) -> (Vec<String>, Vec<u8>) {
 async fn a_mirror_carries_the_whole_body_with_its_length() {
     // Both sides echo the body: the mirror matches only if the target got the same bytes, and
     // the target keeps the bytes it was sent to check their framing.
-    let legacy = Backend::start(|req: Request<Incoming>| async move {
+    let (target, seen) = raw_echo().await;
+    let vs = Kit::with(format!(
+        "{SHADOW_ON}methods = [\"POST\", \"PUT\"]\nmax_body_bytes = 200000\n"
+    ))
+    .legacy(|req: Request<Incoming>| async move {
         respond(200, req.into_body().collect().await.unwrap().to_bytes())
     })
-    .await;
-    let (target, seen) = raw_echo().await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &target,
-        &format!("{SHADOW_ON}methods = [\"POST\", \"PUT\"]\nmax_body_bytes = 200000\n"),
-    ))
+    .vastai_url(target)
     .await;
     let c = client();
     let prompt = r#"{"prompt":"hello"}"#;
@@ -398,9 +368,8 @@ async fn a_mirror_carries_the_whole_body_with_its_length() {
 
 #[tokio::test]
 async fn writes_are_not_mirrored_by_default_and_oversized_bodies_are_skipped() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("legacy").await;
-    let vs = Vastshift::start(&config(&legacy.url(), &vastai.url(), SHADOW_ON)).await;
+    let vs = Kit::with(SHADOW_ON).vastai(named("legacy")).await;
+    let vastai = vs.vastai();
     let c = client();
     for _ in 0..5 {
         c.post(vs.url("/orders")).body("{}").send().await.unwrap();
@@ -409,14 +378,14 @@ async fn writes_are_not_mirrored_by_default_and_oversized_bodies_are_skipped() {
     assert_eq!(vastai.count(), 0, "POST is never mirrored unless listed");
     let d = shadow_doc(&vs).await;
     assert_eq!(d["skipped"], 5, "{d}");
-    vs.stop().await;
+    let kit = vs.stop().await;
 
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        &format!("{SHADOW_ON}methods = [\"GET\", \"PUT\"]\nmax_body_bytes = 1024\n"),
-    ))
-    .await;
+    let vs = kit
+        .config(format!(
+            "{SHADOW_ON}methods = [\"GET\", \"PUT\"]\nmax_body_bytes = 1024\n"
+        ))
+        .await;
+    let vastai = vs.vastai();
     c.put(vs.url("/big"))
         .body(vec![b'x'; 4096])
         .send()
@@ -426,22 +395,9 @@ async fn writes_are_not_mirrored_by_default_and_oversized_bodies_are_skipped() {
     let d = settled(&vs, 1).await;
     assert_eq!(d["skipped"], 1, "{d}");
     assert_eq!(d["matched"], 1, "{d}");
-    let mirrored: Vec<String> = vastai
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| s.target.clone())
-        .collect();
+    let mirrored: Vec<String> = vastai.seen_targets();
     assert_eq!(mirrored, ["/small"]);
-    let metrics = c
-        .get(vs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = vs.scrape().await;
     assert!(
         metrics.contains("vastshift_shadow_requests_total{result=\"skipped\"} 1"),
         "{metrics}"
@@ -451,20 +407,13 @@ async fn writes_are_not_mirrored_by_default_and_oversized_bodies_are_skipped() {
 
 #[tokio::test]
 async fn after_cutover_legacy_keeps_being_checked() {
-    let legacy = Backend::named("same").await;
-    let vastai = Backend::named("same").await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 100\n[shadow]\nenabled = true\n",
-    ))
-    .await;
-    let c = client();
+    let vs = Kit::with("[split]\npercent = 100\n[shadow]\nenabled = true\n")
+        .legacy(named("same"))
+        .vastai(named("same"))
+        .await;
+    let legacy = vs.legacy();
     for _ in 0..5 {
-        assert_eq!(
-            served_by(&c.get(vs.url("/x")).send().await.unwrap()),
-            "vastai"
-        );
+        assert_eq!(served_by(&vs.get("/x").await), "vastai");
     }
     let d = settled(&vs, 5).await;
     assert_eq!(d["matched"], 5);
@@ -484,11 +433,8 @@ async fn a_mirror_carries_the_forwarded_head_and_leaves_after_the_primary_answer
     // sent with its primary would arrive before that count moved.
     let answered = Arc::new(AtomicU64::new(0));
     let at_primary = Arc::clone(&answered);
-    let legacy = Backend::start(move |req| {
-        let probe = req
-            .headers()
-            .get("user-agent")
-            .is_some_and(|v| v == "vastshift-health");
+    let legacy = move |req: Request<Incoming>| {
+        let probe = is_probe(&req);
         let at_primary = Arc::clone(&at_primary);
         async move {
             if !probe {
@@ -497,20 +443,19 @@ async fn a_mirror_carries_the_forwarded_head_and_leaves_after_the_primary_answer
             }
             respond(200, "same")
         }
-    })
-    .await;
+    };
     // How many primaries had been answered when each mirror arrived.
     let order = Arc::new(Mutex::new(Vec::new()));
     let (at_mirror, seen_order) = (Arc::clone(&answered), Arc::clone(&order));
-    let vastai = Backend::start(move |req| {
+    let vastai = move |req: Request<Incoming>| {
         let n = at_mirror.load(Ordering::SeqCst);
         if req.headers().contains_key("x-vastshift-shadow") {
             seen_order.lock().unwrap().push(n);
         }
         async { respond(200, "same") }
-    })
-    .await;
-    let vs = Vastshift::start(&config(&legacy.url(), &vastai.url(), SHADOW_ON)).await;
+    };
+    let vs = Kit::with(SHADOW_ON).legacy(legacy).vastai(vastai).await;
+    let (legacy, vastai) = (vs.legacy(), vs.vastai());
     let c = client();
     for i in 0..3 {
         let r = c
@@ -563,16 +508,11 @@ async fn a_mirror_carries_the_forwarded_head_and_leaves_after_the_primary_answer
 
 #[tokio::test]
 async fn a_mirror_whose_primary_falls_back_to_its_target_is_not_sent_and_counts_an_error() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::start(|_req| async { respond(503, "busy") }).await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 100\nfallback = true\n[shadow]\nenabled = true\n[guard]\nenabled = false\n",
-    ))
-    .await;
-    let c = client();
-    let r = c.get(vs.url("/x")).send().await.unwrap();
+    let vs = Kit::with("[split]\npercent = 100\nfallback = true\n[shadow]\nenabled = true\n[guard]\nenabled = false\n")
+        .vastai(|_req| async { respond(503, "busy") })
+        .await;
+    let (legacy, vastai) = (vs.legacy(), vs.vastai());
+    let r = vs.get("/x").await;
     assert_eq!(r.status(), 200);
     assert_eq!(served_by(&r), "legacy");
     let d = settled(&vs, 1).await;
@@ -594,16 +534,9 @@ async fn a_mirror_whose_primary_falls_back_to_its_target_is_not_sent_and_counts_
 
 #[tokio::test]
 async fn a_mirror_whose_primary_fails_counts_as_an_error_on_either_path() {
-    let legacy = Backend::named("legacy").await;
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead_url = format!("http://{}", dead.local_addr().unwrap());
-    drop(dead);
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &dead_url,
-        "[split]\npercent = 100\nfallback = false\n[shadow]\nenabled = true\nmethods = [\"GET\", \"PUT\"]\n[guard]\nenabled = false\n",
-    ))
-    .await;
+    let vs = Kit::with("[split]\npercent = 100\nfallback = false\n[shadow]\nenabled = true\nmethods = [\"GET\", \"PUT\"]\n[guard]\nenabled = false\n")
+        .vastai_url(dead_url().await)
+        .await;
     let c = client();
     // Without a body (the lane's own mirror), then with one (the full path's).
     let r = c.get(vs.url("/a")).send().await.unwrap();

@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, config, Vastshift};
+use common::{client, Kit, RawServer, Running};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
 
 /// How the raw backend treats a connection after each answer.
 #[derive(Clone, Copy)]
@@ -31,47 +30,27 @@ struct RawBackend {
     requests: Arc<AtomicUsize>,
     /// Connections that ended (the peer closed them, or the backend did).
     closed: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for RawBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _server: RawServer,
 }
 
 async fn raw_backend(mode: Mode) -> RawBackend {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let accepted = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
     let closed = Arc::new(AtomicUsize::new(0));
-    let (a, r, cl) = (
-        Arc::clone(&accepted),
-        Arc::clone(&requests),
-        Arc::clone(&closed),
-    );
-    let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                return;
-            };
-            a.fetch_add(1, Ordering::SeqCst);
-            let r = Arc::clone(&r);
-            let cl = Arc::clone(&cl);
-            conns.spawn(async move {
-                serve_conn(&mut sock, &r, mode).await;
-                cl.fetch_add(1, Ordering::SeqCst);
-            });
+    let (r, cl) = (Arc::clone(&requests), Arc::clone(&closed));
+    let server = RawServer::start(move |mut sock| {
+        let (r, cl) = (Arc::clone(&r), Arc::clone(&cl));
+        async move {
+            serve_conn(&mut sock, &r, mode).await;
+            cl.fetch_add(1, Ordering::SeqCst);
         }
-    });
+    })
+    .await;
     RawBackend {
-        url,
-        accepted,
+        url: server.url.clone(),
+        accepted: Arc::clone(&server.accepted),
         requests,
         closed,
-        task,
+        _server: server,
     }
 }
 
@@ -106,16 +85,24 @@ async fn serve_conn(sock: &mut tokio::net::TcpStream, r: &AtomicUsize, mode: Mod
     }
 }
 
-async fn start(legacy: &RawBackend) -> Vastshift {
+/// Vastshift in front of `legacy`, sending it everything.
+fn kit(legacy: &RawBackend) -> Kit {
     // vastai is never chosen at 0 %; a closed port keeps it out of the way.
-    let text = config(&legacy.url, "http://127.0.0.1:9", "[split]\npercent = 0\n");
-    Vastshift::start(&text).await
+    Kit::with("[split]\npercent = 0\n")
+        .legacy_url(&legacy.url)
+        .vastai_url("http://127.0.0.1:9")
+}
+
+/// A raw backend in this mode, and vastshift in front of it.
+async fn start(mode: Mode) -> (RawBackend, Running) {
+    let legacy = raw_backend(mode).await;
+    let vs = kit(&legacy).await;
+    (legacy, vs)
 }
 
 #[tokio::test]
 async fn sequential_requests_reuse_one_connection_including_empty_bodies() {
-    let legacy = raw_backend(Mode::KeepAlive).await;
-    let vs = start(&legacy).await;
+    let (legacy, vs) = start(Mode::KeepAlive).await;
     let c = client();
     let before = legacy.accepted.load(Ordering::SeqCst);
     for i in 0..30 {
@@ -138,11 +125,9 @@ async fn sequential_requests_reuse_one_connection_including_empty_bodies() {
 
 #[tokio::test]
 async fn connection_close_answers_are_not_reused() {
-    let legacy = raw_backend(Mode::Close).await;
-    let vs = start(&legacy).await;
-    let c = client();
+    let (legacy, vs) = start(Mode::Close).await;
     for _ in 0..10 {
-        let r = c.get(vs.url("/a")).send().await.unwrap();
+        let r = vs.get("/a").await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.text().await.unwrap(), "ok");
     }
@@ -152,14 +137,12 @@ async fn connection_close_answers_are_not_reused() {
 
 #[tokio::test]
 async fn connections_the_upstream_dropped_are_never_used() {
-    let legacy = raw_backend(Mode::DropIdle).await;
-    let vs = start(&legacy).await;
-    let c = client();
+    let (_legacy, vs) = start(Mode::DropIdle).await;
     for i in 0..15 {
         // Long enough for the backend to have dropped the previous connection (the start-up
         // health probe's, then each request's).
         tokio::time::sleep(Duration::from_millis(80)).await;
-        let r = c.get(vs.url("/a")).send().await.unwrap();
+        let r = vs.get("/a").await;
         assert_eq!(r.status(), 200, "request {i}");
         assert_eq!(r.text().await.unwrap(), "ok");
     }
@@ -168,8 +151,7 @@ async fn connections_the_upstream_dropped_are_never_used() {
 
 #[tokio::test]
 async fn concurrency_opens_no_more_connections_than_requests_in_flight() {
-    let legacy = raw_backend(Mode::KeepAlive).await;
-    let vs = start(&legacy).await;
+    let (legacy, vs) = start(Mode::KeepAlive).await;
     let before = legacy.accepted.load(Ordering::SeqCst);
     let workers = 16;
     let mut tasks = tokio::task::JoinSet::new();
@@ -200,9 +182,9 @@ async fn concurrency_opens_no_more_connections_than_requests_in_flight() {
 #[tokio::test]
 async fn health_probes_reuse_their_connection() {
     let legacy = raw_backend(Mode::KeepAlive).await;
-    let text = config(&legacy.url, "http://127.0.0.1:9", "[split]\npercent = 0\n")
-        .replace("[legacy]\n", "[legacy]\nhealth_interval_ms = 100\n");
-    let vs = Vastshift::start(&text).await;
+    let vs = kit(&legacy)
+        .legacy_lines("health_interval_ms = 100\n")
+        .await;
     let probed = common::eventually(5.0, || {
         let n = legacy.requests.load(Ordering::SeqCst);
         async move { n >= 10 }

@@ -21,14 +21,6 @@ impl Drop for Killed {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The alerts Prometheus reports: (name, state) pairs.
 async fn alerts(c: &reqwest::Client, prom: &str) -> Vec<(String, String)> {
     let Ok(r) = c.get(format!("{prom}/api/v1/alerts")).send().await else {
@@ -64,26 +56,16 @@ async fn shipped_rules_fire_on_vastai_errors_and_guard_rollback() {
     let rules = root.join("deploy/prometheus/rules.yml");
     assert!(rules.exists(), "deploy/prometheus/rules.yml is shipped");
 
-    let legacy = Backend::named("legacy").await;
     // Health checks pass, real requests fail: a broken model behind a live server.
-    let vastai = Backend::start(|req: http::Request<hyper::body::Incoming>| async move {
-        if req
-            .headers()
-            .get("user-agent")
-            .is_some_and(|v| v == "vastshift-health")
-        {
-            respond(200, "ok")
-        } else {
-            respond(500, "model error")
-        }
-    })
-    .await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 50\nfallback = false\n[guard]\nmin_requests = 40\nmax_error_rate = 0.05\n",
-    ))
-    .await;
+    let vs = Kit::with("[split]\npercent = 50\nfallback = false\n[guard]\nmin_requests = 40\nmax_error_rate = 0.05\n")
+        .vastai(|req: http::Request<hyper::body::Incoming>| async move {
+            if is_probe(&req) {
+                respond(200, "ok")
+            } else {
+                respond(500, "model error")
+            }
+        })
+        .await;
 
     // The shipped config, pointed at this vastshift and made quick: scrape and evaluate every second.
     let dir = tempfile::tempdir().unwrap();
@@ -141,13 +123,7 @@ async fn shipped_rules_fire_on_vastai_errors_and_guard_rollback() {
     );
     let c = client();
     assert!(
-        eventually(30.0, || async {
-            c.get(format!("{prom}/-/ready"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await,
+        ok_within(30.0, &format!("{prom}/-/ready")).await,
         "prometheus became ready"
     );
 
@@ -197,23 +173,9 @@ async fn shipped_rules_fire_on_vastai_errors_and_guard_rollback() {
     traffic.abort();
     if !(seen_error_alert && seen_rollback_alert) {
         eprintln!("config:\n{cfg}");
-        let t = c
-            .get(format!("{prom}/api/v1/targets"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let t = text_of(c.get(format!("{prom}/api/v1/targets"))).await;
         eprintln!("targets: {t}");
-        let r = c
-            .get(format!("{prom}/api/v1/rules"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let r = text_of(c.get(format!("{prom}/api/v1/rules"))).await;
         eprintln!("rules: {r}");
     }
     assert!(

@@ -12,7 +12,7 @@ use http::Request;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Writes raw bytes and reads until the peer closes (or 5 s pass).
 async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
@@ -25,18 +25,18 @@ async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
 
 #[tokio::test]
 async fn hop_by_hop_headers_are_stripped_and_proxy_headers_added() {
-    let legacy = Backend::start(|_req| async {
-        let mut r = respond(200, "ok");
-        let h = r.headers_mut();
-        h.insert("connection", "x-resp-hop".parse().unwrap());
-        h.insert("x-resp-hop", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert("x-end", "kept".parse().unwrap());
-        r
-    })
-    .await;
-    let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(&legacy.url(), &vastai.url(), "")).await;
+    let vs = Kit::new()
+        .legacy(|_req| async {
+            let mut r = respond(200, "ok");
+            let h = r.headers_mut();
+            h.insert("connection", "x-resp-hop".parse().unwrap());
+            h.insert("x-resp-hop", "1".parse().unwrap());
+            h.insert("keep-alive", "timeout=5".parse().unwrap());
+            h.insert("x-end", "kept".parse().unwrap());
+            r
+        })
+        .await;
+    let legacy = vs.legacy();
     let req = "GET /a%20b/c?x=1&y=%2F&z HTTP/1.1\r\nHost: shop.example\r\nConnection: close, x-hop\r\nx-hop: secret\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: x-t\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\nX-Forwarded-For: 10.1.2.3\r\nx-end-to-end: yes\r\n\r\n";
     let resp = raw(vs.addr, req.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
@@ -86,22 +86,15 @@ async fn hop_by_hop_headers_are_stripped_and_proxy_headers_added() {
 
 #[tokio::test]
 async fn request_id_is_kept_and_host_preserved_when_asked() {
-    let legacy = Backend::named("legacy").await;
     let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &format!("{}/prefix/", vastai.url()),
-        "[split]\npercent = 100\n",
-    ))
-    .await;
-    let text = config(
-        &legacy.url(),
-        &format!("{}/prefix/", vastai.url()),
-        "[split]\npercent = 100\n",
-    )
-    .replace("[vastai]\n", "[vastai]\npreserve_host = true\n");
-    vs.stop().await;
-    let vs = Vastshift::start(&text).await;
+    let prefixed = format!("{}/prefix/", vastai.url());
+    let split = "[split]\npercent = 100\n";
+    let vs = Kit::with(split).vastai_url(prefixed).await;
+    let kit = vs.stop().await;
+    let vs = kit
+        .vastai_lines("preserve_host = true\n")
+        .config(split)
+        .await;
     let c = client();
     let r = c
         .get(vs.url("/p?q=1"))
@@ -123,43 +116,31 @@ async fn request_id_is_kept_and_host_preserved_when_asked() {
 
 #[tokio::test]
 async fn refused_slow_and_reset_upstreams_give_502_504_and_the_proxy_keeps_serving() {
-    let refused = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let refused_url = format!("http://{}", refused.local_addr().unwrap());
-    drop(refused);
-    let slow = Backend::start(|_req| async {
+    let refused_url = dead_url().await;
+    let slow = |_req| async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         respond(200, "late")
+    };
+    // Reads the request, then closes without a word.
+    let reset = RawServer::start(|mut s| async move {
+        let _ = s.read(&mut [0u8; 4096]).await;
     })
     .await;
-    // Reads the request, then closes without a word.
-    let reset = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let reset_url = format!("http://{}", reset.local_addr().unwrap());
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = reset.accept().await.unwrap();
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf).await;
-            drop(s);
-        }
-    });
+    let reset_url = reset.url.clone();
     // Sends headers promising 1000 bytes, then 10 bytes and closes.
-    let trunc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let trunc_url = format!("http://{}", trunc.local_addr().unwrap());
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = trunc.accept().await.unwrap();
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf).await;
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
-                .await;
-            drop(s);
-        }
-    });
+    let trunc = RawServer::start(|mut s| async move {
+        let _ = s.read(&mut [0u8; 4096]).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            .await;
+    })
+    .await;
+    let trunc_url = trunc.url.clone();
     let c = client();
     let extra = "[split]\nfallback = false\n";
 
-    let vs = Vastshift::start(&config(&refused_url, &refused_url, extra)).await;
+    let only = |url: &str| Kit::new().legacy_url(url).vastai_url(url).config(extra);
+    let vs = only(&refused_url).await;
     let r = c.get(vs.url("/x")).send().await.unwrap();
     assert_eq!(r.status(), 502);
     assert_eq!(served_by(&r), "legacy");
@@ -168,11 +149,10 @@ async fn refused_slow_and_reset_upstreams_give_502_504_and_the_proxy_keeps_servi
     assert!(v["error"].as_str().unwrap().contains("connect"), "{v}");
     vs.stop().await;
 
-    let vs = Vastshift::start(
-        &config(&slow.url(), &slow.url(), extra)
-            .replace("[legacy]\n", "[legacy]\ntimeout_ms = 300\n"),
-    )
-    .await;
+    let vs = Kit::with(extra)
+        .both(slow)
+        .legacy_lines("timeout_ms = 300\n")
+        .await;
     let t0 = std::time::Instant::now();
     let r = c.get(vs.url("/x")).send().await.unwrap();
     let took = t0.elapsed();
@@ -185,13 +165,15 @@ async fn refused_slow_and_reset_upstreams_give_502_504_and_the_proxy_keeps_servi
     assert_eq!(v["backend"], "legacy");
     vs.stop().await;
 
-    let vs = Vastshift::start(&config(&reset_url, &reset_url, extra)).await;
+    let vs = only(&reset_url).await;
     let r = c.get(vs.url("/x")).send().await.unwrap();
     assert_eq!(r.status(), 502);
     vs.stop().await;
 
-    let good = Backend::named("legacy").await;
-    let vs = Vastshift::start(&config(&trunc_url, &good.url(), extra)).await;
+    let vs = Kit::with(extra)
+        .legacy_url(trunc_url)
+        .vastai(named("legacy"))
+        .await;
     let r = c.get(vs.url("/x")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(
@@ -199,12 +181,7 @@ async fn refused_slow_and_reset_upstreams_give_502_504_and_the_proxy_keeps_servi
         "a truncated body reaches the client as an error, not as success"
     );
     // The proxy keeps serving.
-    let ok = c
-        .get(vs.url("/y"))
-        .header("x-vastshift-backend", "vastai")
-        .send()
-        .await
-        .unwrap();
+    let ok = vs.pinned("/y", "vastai").await;
     assert_eq!(ok.status(), 200);
     assert_eq!(ok.text().await.unwrap(), "legacy");
     vs.stop().await;
@@ -212,20 +189,13 @@ async fn refused_slow_and_reset_upstreams_give_502_504_and_the_proxy_keeps_servi
 
 #[tokio::test]
 async fn fallback_serves_gets_and_small_posts_from_legacy_when_vastai_is_down() {
-    let legacy = Backend::start(|req: Request<Incoming>| async move {
-        let body = req.into_body().collect().await.unwrap().to_bytes();
-        respond(200, body)
-    })
-    .await;
-    let down = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let down_url = format!("http://{}", down.local_addr().unwrap());
-    drop(down);
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &down_url,
-        "[split]\npercent = 100\nfallback = true\n",
-    ))
-    .await;
+    let vs = Kit::with("[split]\npercent = 100\nfallback = true\n")
+        .legacy(|req: Request<Incoming>| async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            respond(200, body)
+        })
+        .vastai_url(dead_url().await)
+        .await;
     let c = client();
     for i in 0..5 {
         let r = c.get(vs.url(&format!("/g/{i}"))).send().await.unwrap();
@@ -246,14 +216,7 @@ async fn fallback_serves_gets_and_small_posts_from_legacy_when_vastai_is_down() 
         r#"{"order": 42}"#,
         "the replayed body is the client's body"
     );
-    let metrics = c
-        .get(vs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = vs.scrape().await;
     let fallbacks: f64 = metrics
         .lines()
         .find(|l| l.starts_with("vastshift_fallbacks_total{route=\"default\"}"))
@@ -267,34 +230,34 @@ async fn fallback_serves_gets_and_small_posts_from_legacy_when_vastai_is_down() 
 
 #[tokio::test]
 async fn websocket_style_upgrade_tunnels_bytes_both_ways() {
-    let legacy = Backend::start(|mut req: Request<Incoming>| async move {
-        let on = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let up = on.await.unwrap();
-            let mut io = hyper_util::rt::TokioIo::new(up);
-            let mut buf = [0u8; 64];
-            loop {
-                let n = io.read(&mut buf).await.unwrap_or(0);
-                if n == 0 {
-                    break;
+    let vs = Kit::new()
+        .legacy(|mut req: Request<Incoming>| async move {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let up = on.await.unwrap();
+                let mut io = hyper_util::rt::TokioIo::new(up);
+                let mut buf = [0u8; 64];
+                loop {
+                    let n = io.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    let mut echoed = b"echo:".to_vec();
+                    echoed.extend_from_slice(&buf[..n]);
+                    if io.write_all(&echoed).await.is_err() {
+                        break;
+                    }
                 }
-                let mut echoed = b"echo:".to_vec();
-                echoed.extend_from_slice(&buf[..n]);
-                if io.write_all(&echoed).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let mut r = respond(101, "");
-        r.headers_mut()
-            .insert("upgrade", "websocket".parse().unwrap());
-        r.headers_mut()
-            .insert("connection", "upgrade".parse().unwrap());
-        r
-    })
-    .await;
-    let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(&legacy.url(), &vastai.url(), "")).await;
+            });
+            let mut r = respond(101, "");
+            r.headers_mut()
+                .insert("upgrade", "websocket".parse().unwrap());
+            r.headers_mut()
+                .insert("connection", "upgrade".parse().unwrap());
+            r
+        })
+        .await;
+    let legacy = vs.legacy();
     let mut s = TcpStream::connect(vs.addr).await.unwrap();
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         .await
@@ -324,9 +287,8 @@ async fn websocket_style_upgrade_tunnels_bytes_both_ways() {
 
 #[tokio::test]
 async fn smuggling_attempts_never_reach_the_backend_as_a_second_request() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(&legacy.url(), &vastai.url(), "")).await;
+    let vs = Kit::new().await;
+    let legacy = vs.legacy();
     // CL + TE: hyper lets Transfer-Encoding win, drops Content-Length and closes the connection
     // after answering, so the bytes hidden behind the empty chunked body are never parsed.
     let attack = "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 41\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -346,13 +308,7 @@ async fn smuggling_attempts_never_reach_the_backend_as_a_second_request() {
     let resp = raw(vs.addr, dup.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let targets: Vec<String> = legacy
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| s.target.clone())
-        .collect();
+    let targets: Vec<String> = legacy.seen_targets();
     assert!(
         !targets.iter().any(|t| t.contains("smuggled")),
         "{targets:?}"
@@ -368,11 +324,10 @@ async fn smuggling_attempts_never_reach_the_backend_as_a_second_request() {
 
 #[tokio::test]
 async fn slow_header_senders_are_cut_off() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let text = config(&legacy.url(), &vastai.url(), "")
-        .replace("[server]\n", "[server]\nheader_read_timeout_ms = 500\n");
-    let vs = Vastshift::start(&text).await;
+    let vs = Kit::new()
+        .server_lines("header_read_timeout_ms = 500\n")
+        .await;
+    let legacy = vs.legacy();
     let mut s = TcpStream::connect(vs.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let t0 = std::time::Instant::now();

@@ -23,41 +23,32 @@ use vastshift::safety::window::Windows;
 use vastshift::upstream::Upstreams;
 use vastshift::vocab::Backend as Side;
 
-/// A backend failing the first `fails_per_five` of every five requests with 500 (3 = 60 %);
+/// A handler failing the first `fails_per_five` of every five requests with 500 (3 = 60 %);
 /// health probes always pass.
-async fn flaky(fails_per_five: u64) -> Backend {
+fn flaky(fails_per_five: u64) -> impl Serve<HandlerFuture> {
     let n = Arc::new(AtomicU64::new(0));
-    Backend::start(move |req: http::Request<hyper::body::Incoming>| {
-        let probe = req
-            .headers()
-            .get("user-agent")
-            .is_some_and(|v| v == "vastshift-health");
-        let i = if probe {
+    move |req: http::Request<hyper::body::Incoming>| -> HandlerFuture {
+        let i = if is_probe(&req) {
             4
         } else {
             n.fetch_add(1, Ordering::Relaxed)
         };
-        async move {
+        Box::pin(async move {
             if i % 5 < fails_per_five {
                 respond(500, "model error")
             } else {
                 respond(200, "vastai")
             }
-        }
-    })
-    .await
+        })
+    }
 }
 
 #[tokio::test]
 async fn the_guard_rolls_back_a_failing_vastai_once_and_not_before_min_requests() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = flaky(3).await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 50\nfallback = false\n[guard]\nmin_requests = 20\nwindow_secs = 60\nmax_error_rate = 0.05\n",
-    ))
-    .await;
+    let vs = Kit::with("[split]\npercent = 50\nfallback = false\n[guard]\nmin_requests = 20\nwindow_secs = 60\nmax_error_rate = 0.05\n")
+        .vastai(flaky(3))
+        .await;
+    let vastai = vs.vastai();
     let c = client();
     // Well below min_requests: inconclusive, no rollback, even with every other vastai answer failing.
     let mut vastai_seen = 0;
@@ -110,14 +101,7 @@ async fn the_guard_rolls_back_a_failing_vastai_once_and_not_before_min_requests(
     );
     // Acts once per incident, not in a loop.
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    let metrics = c
-        .get(vs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = vs.scrape().await;
     assert!(
         metrics.contains("vastshift_rollbacks_total{trigger=\"guard\"} 1\n"),
         "{metrics}"
@@ -127,17 +111,11 @@ async fn the_guard_rolls_back_a_failing_vastai_once_and_not_before_min_requests(
 
 #[tokio::test]
 async fn too_few_requests_stay_inconclusive_even_if_all_fail() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = flaky(5).await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 100\nfallback = false\n[guard]\nmin_requests = 20\n",
-    ))
-    .await;
-    let c = client();
+    let vs = Kit::with("[split]\npercent = 100\nfallback = false\n[guard]\nmin_requests = 20\n")
+        .vastai(flaky(5))
+        .await;
     for _ in 0..10 {
-        assert_eq!(c.get(vs.url("/x")).send().await.unwrap().status(), 500);
+        assert_eq!(vs.get("/x").await.status(), 500);
     }
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let status = admin_json(&vs, "/admin/status").await;
@@ -288,21 +266,16 @@ fn load(
 
 #[tokio::test]
 async fn a_ramp_under_healthy_load_reaches_100_and_a_failing_one_rolls_back() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
     let extra = "[split]\npercent = 0\n[guard]\nmin_requests = 5\nwindow_secs = 5\n[ramp]\nsteps = [10.0, 50.0, 100.0]\nhold_secs = 1\n";
-    let vs = Vastshift::start(&config(&legacy.url(), &vastai.url(), extra)).await;
+    let vs = Kit::with(extra).await;
     let (stop, failures) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
     let worker = load(vs.url("/r"), Arc::clone(&stop), Arc::clone(&failures));
-    let c = client();
-    let r = admin(&c, Method::POST, vs.admin_url("/admin/ramp"))
-        .body(r#"{"action": "start"}"#)
-        .send()
-        .await
-        .unwrap();
+    let r = vs
+        .admin_send(Method::POST, "/admin/ramp", r#"{"action": "start"}"#)
+        .await;
     assert_eq!(r.status(), 200);
     let reached = eventually(15.0, || async {
         admin_json(&vs, "/admin/split").await["percent"] == 100.0
@@ -320,25 +293,19 @@ async fn a_ramp_under_healthy_load_reaches_100_and_a_failing_one_rolls_back() {
     stop.store(true, Ordering::Relaxed);
     worker.await.unwrap();
     assert_eq!(failures.load(Ordering::Relaxed), 0);
-    vs.stop().await;
+    let kit = vs.stop().await;
 
-    let failing = flaky(5).await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &failing.url(),
-        &format!("{extra}[split]\nfallback = false\n").replace("[split]\npercent = 0\n", ""),
-    ))
-    .await;
+    let vs = kit
+        .vastai(flaky(5))
+        .config(format!("{extra}[split]\nfallback = false\n").replace("[split]\npercent = 0\n", ""))
+        .await;
     let (stop, failures) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
     let worker = load(vs.url("/r"), Arc::clone(&stop), Arc::clone(&failures));
-    admin(&c, Method::POST, vs.admin_url("/admin/ramp"))
-        .body(r#"{"action": "start"}"#)
-        .send()
-        .await
-        .unwrap();
+    vs.admin_send(Method::POST, "/admin/ramp", r#"{"action": "start"}"#)
+        .await;
     let rolled = eventually(10.0, || async {
         admin_json(&vs, "/admin/split").await["rolled_back"] == true
     })
@@ -361,17 +328,11 @@ async fn a_ramp_under_healthy_load_reaches_100_and_a_failing_one_rolls_back() {
 
 #[tokio::test]
 async fn a_down_vastai_costs_no_request_and_traffic_returns_when_it_recovers() {
-    let legacy = Backend::named("legacy").await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    let text = config(
-        &legacy.url(),
-        &format!("http://{addr}"),
-        "[split]\npercent = 50\nfallback = true\n",
-    )
-    .replace("[vastai]\n", "[vastai]\nhealth_interval_ms = 200\n");
-    let vs = Vastshift::start(&text).await;
+    let addr = dead_addr().await;
+    let vs = Kit::with("[split]\npercent = 50\nfallback = true\n")
+        .vastai_url(format!("http://{addr}"))
+        .vastai_lines("health_interval_ms = 200\n")
+        .await;
     let c = client();
     for _ in 0..60 {
         let r = c.get(vs.url("/h")).send().await.unwrap();
@@ -382,26 +343,12 @@ async fn a_down_vastai_costs_no_request_and_traffic_returns_when_it_recovers() {
         );
         assert_eq!(served_by(&r), "legacy");
     }
-    let metrics = c
-        .get(vs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = vs.scrape().await;
     assert!(
         metrics.contains("vastshift_upstream_healthy{backend=\"vastai\"} 0"),
         "{metrics}"
     );
-    let health: Value = c
-        .get(vs.admin_url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = vs.open_json("/health").await;
     assert_eq!(health["upstreams"]["vastai"]["healthy"], false);
 
     // vastai comes back on the same port: traffic reaches it again without anyone acting.
@@ -417,14 +364,7 @@ async fn a_down_vastai_costs_no_request_and_traffic_returns_when_it_recovers() {
     .await;
     assert!(back, "traffic returned to vastai");
     assert!(vastai.count() > 0);
-    let metrics = c
-        .get(vs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = vs.scrape().await;
     assert!(metrics.contains("vastshift_upstream_healthy{backend=\"vastai\"} 1"));
     vs.stop().await;
 }
@@ -447,16 +387,11 @@ async fn the_status_report_matches_a_scripted_load_and_the_cli_agrees() {
         .await
         .unwrap()
     }
-    let legacy = Backend::named("same").await;
-    let vastai = flaky(0).await;
+    let vastai = Backend::start(flaky(0)).await;
     let n = Arc::new(AtomicU64::new(0));
-    let vastai_two_failures = Backend::start(move |req: http::Request<hyper::body::Incoming>| {
+    let vastai_two_failures = move |req: http::Request<hyper::body::Incoming>| {
         // Health probes don't count towards the scripted failures.
-        let probe = req
-            .headers()
-            .get("user-agent")
-            .is_some_and(|v| v == "vastshift-health");
-        let i = if probe {
+        let i = if is_probe(&req) {
             99
         } else {
             n.fetch_add(1, Ordering::Relaxed)
@@ -468,22 +403,15 @@ async fn the_status_report_matches_a_scripted_load_and_the_cli_agrees() {
                 respond(200, "vastai")
             }
         }
-    })
-    .await;
+    };
     let extra = "[split]\npercent = 0\nfallback = false\n[guard]\nenabled = false\n[validation]\nmax_error_rate = 0.01\nmax_latency_ratio = 10.0\nmin_match_rate = 0.9\n";
-    let vs = Vastshift::start(&config(&legacy.url(), &vastai_two_failures.url(), extra)).await;
-    let c = client();
+    let vs = Kit::with(extra)
+        .legacy(named("same"))
+        .vastai(vastai_two_failures)
+        .await;
     for _ in 0..40 {
-        c.get(vs.url("/s"))
-            .header("x-vastshift-backend", "legacy")
-            .send()
-            .await
-            .unwrap();
-        c.get(vs.url("/s"))
-            .header("x-vastshift-backend", "vastai")
-            .send()
-            .await
-            .unwrap();
+        vs.pinned("/s", "legacy").await;
+        vs.pinned("/s", "vastai").await;
     }
     let s = admin_json(&vs, "/admin/status").await;
     assert_eq!(s["backends"]["legacy"]["requests"], 40);
@@ -516,20 +444,15 @@ async fn the_status_report_matches_a_scripted_load_and_the_cli_agrees() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout)
         .contains("  error rate: FAIL (5% > 1% (2 of 40 vastai requests))"));
-    vs.stop().await;
+    let kit = vs.stop().await;
     drop(vastai);
 
     // Everything passes: all traffic on a healthy vastai whose answers match legacy's.
-    let good = Backend::named("same").await;
     let extra = "[split]\npercent = 100\n[shadow]\nenabled = true\n[validation]\nmax_latency_ratio = 100.0\n";
-    let vs = Vastshift::start(&config(&legacy.url(), &good.url(), extra)).await;
+    let vs = kit.vastai(named("same")).config(extra).await;
     for _ in 0..30 {
-        c.get(vs.url("/p"))
-            .header("x-vastshift-backend", "legacy")
-            .send()
-            .await
-            .unwrap();
-        c.get(vs.url("/p")).send().await.unwrap();
+        vs.pinned("/p", "legacy").await;
+        vs.get("/p").await;
     }
     let settled = eventually(5.0, || async {
         admin_json(&vs, "/admin/status").await["shadow"]["compared"]

@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use futures_util::future::join_all;
+use reqwest::Method;
 
 /// Sends `n` GETs (with optional extra headers) and returns how many vastai served.
 async fn count_vastai(vs: &Vastshift, n: usize, path: &str) -> usize {
@@ -29,14 +30,7 @@ async fn count_vastai(vs: &Vastshift, n: usize, path: &str) -> usize {
 
 #[tokio::test]
 async fn thirty_percent_lands_in_the_binomial_interval_and_extremes_are_exact() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 30\n",
-    ))
-    .await;
+    let vs = Kit::with("[split]\npercent = 30\n").await;
     let n = 2000usize;
     let got = count_vastai(&vs, n, "/r").await as f64;
     let (mean, sd) = (n as f64 * 0.3, (n as f64 * 0.3 * 0.7).sqrt());
@@ -47,18 +41,11 @@ async fn thirty_percent_lands_in_the_binomial_interval_and_extremes_are_exact() 
         3.29 * sd
     );
 
-    let c = client();
-    admin(&c, reqwest::Method::PUT, vs.admin_url("/admin/split"))
-        .body(r#"{"percent": 0}"#)
-        .send()
-        .await
-        .unwrap();
+    vs.admin_send(Method::PUT, "/admin/split", r#"{"percent": 0}"#)
+        .await;
     assert_eq!(count_vastai(&vs, 300, "/r").await, 0);
-    admin(&c, reqwest::Method::PUT, vs.admin_url("/admin/split"))
-        .body(r#"{"percent": 100}"#)
-        .send()
-        .await
-        .unwrap();
+    vs.admin_send(Method::PUT, "/admin/split", r#"{"percent": 100}"#)
+        .await;
     assert_eq!(count_vastai(&vs, 300, "/r").await, 300);
     vs.stop().await;
 }
@@ -75,14 +62,7 @@ async fn backend_for(c: &reqwest::Client, vs: &Vastshift, header: (&str, &str)) 
 
 #[tokio::test]
 async fn sticky_keys_keep_their_backend_and_only_move_towards_vastai() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 20\nsticky = \"header:x-user\"\n",
-    ))
-    .await;
+    let vs = Kit::with("[split]\npercent = 20\nsticky = \"header:x-user\"\n").await;
     let c = client();
     let keys: Vec<String> = (0..300).map(|i| format!("user-{i}")).collect();
     let mut before = Vec::new();
@@ -98,11 +78,8 @@ async fn sticky_keys_keep_their_backend_and_only_move_towards_vastai() {
         before.push(first);
     }
     let at_20 = before.iter().filter(|b| b.as_str() == "vastai").count();
-    admin(&c, reqwest::Method::PUT, vs.admin_url("/admin/split"))
-        .body(r#"{"percent": 50}"#)
-        .send()
-        .await
-        .unwrap();
+    vs.admin_send(Method::PUT, "/admin/split", r#"{"percent": 50}"#)
+        .await;
     let mut at_50 = 0;
     for (k, old) in keys.iter().zip(&before) {
         let now = backend_for(&c, &vs, ("x-user", k)).await;
@@ -120,14 +97,7 @@ async fn sticky_keys_keep_their_backend_and_only_move_towards_vastai() {
 
 #[tokio::test]
 async fn sticky_buckets_match_murmur3_reference_values() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 31.5\nsticky = \"cookie:uid\"\n",
-    ))
-    .await;
+    let vs = Kit::with("[split]\npercent = 31.5\nsticky = \"cookie:uid\"\n").await;
     let c = client();
     // MurmurHash3 x86_32, seed 0, of "vastshift:<key>" mod 10000 (reference: the mmh3 package).
     for (key, bucket) in [
@@ -136,17 +106,7 @@ async fn sticky_buckets_match_murmur3_reference_values() {
         ("alice", 8257),
         ("bob", 2053),
     ] {
-        let v: serde_json::Value = admin(
-            &c,
-            reqwest::Method::GET,
-            vs.admin_url(&format!("/admin/explain?key={key}")),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        let v = vs.admin_json(&format!("/admin/explain?key={key}")).await;
         assert_eq!(v["bucket"], bucket, "{key}: {v}");
         let expected = if bucket < 3150 { "vastai" } else { "legacy" };
         assert_eq!(v["backend"], expected);
@@ -163,16 +123,8 @@ async fn sticky_buckets_match_murmur3_reference_values() {
 
 #[tokio::test]
 async fn client_ip_stickiness_is_stable() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 50\nsticky = \"client-ip\"\n",
-    ))
-    .await;
-    let c = client();
-    let first = served_by(&c.get(vs.url("/")).send().await.unwrap());
+    let vs = Kit::with("[split]\npercent = 50\nsticky = \"client-ip\"\n").await;
+    let first = served_by(&vs.get("/").await);
     let expected = if vastshift::routing::bucket_for("vastshift", "127.0.0.1") < 5000 {
         "vastai"
     } else {
@@ -180,21 +132,14 @@ async fn client_ip_stickiness_is_stable() {
     };
     assert_eq!(first, expected);
     for _ in 0..30 {
-        assert_eq!(served_by(&c.get(vs.url("/")).send().await.unwrap()), first);
+        assert_eq!(served_by(&vs.get("/").await), first);
     }
     vs.stop().await;
 }
 
 #[tokio::test]
 async fn routes_match_whole_segments_and_methods_and_the_override_header_pins() {
-    let legacy = Backend::named("legacy").await;
-    let vastai = Backend::named("vastai").await;
-    let vs = Vastshift::start(&config(
-        &legacy.url(),
-        &vastai.url(),
-        "[split]\npercent = 0\n[[route]]\nname = \"users-read\"\npath_prefix = \"/api/users\"\nmethods = [\"GET\", \"HEAD\"]\npercent = 100\n",
-    ))
-    .await;
+    let vs = Kit::with("[split]\npercent = 0\n[[route]]\nname = \"users-read\"\npath_prefix = \"/api/users\"\nmethods = [\"GET\", \"HEAD\"]\npercent = 100\n").await;
     let c = client();
     let get = |p: &str| c.get(vs.url(p)).send();
     assert_eq!(served_by(&get("/api/users").await.unwrap()), "vastai");
@@ -208,38 +153,16 @@ async fn routes_match_whole_segments_and_methods_and_the_override_header_pins() 
     );
 
     // The override header pins either way; a bogus value is ignored.
-    let pinned = c
-        .get(vs.url("/other"))
-        .header("x-vastshift-backend", "vastai")
-        .send()
-        .await
-        .unwrap();
+    let pinned = vs.pinned("/other", "vastai").await;
     assert_eq!(served_by(&pinned), "vastai");
-    let pinned = c
-        .get(vs.url("/api/users/7"))
-        .header("x-vastshift-backend", "legacy")
-        .send()
-        .await
-        .unwrap();
+    let pinned = vs.pinned("/api/users/7", "legacy").await;
     assert_eq!(served_by(&pinned), "legacy");
     for _ in 0..20 {
-        let bogus = c
-            .get(vs.url("/other"))
-            .header("x-vastshift-backend", "bogus")
-            .send()
-            .await
-            .unwrap();
+        let bogus = vs.pinned("/other", "bogus").await;
         assert_eq!(served_by(&bogus), "legacy");
     }
     // Route labels in metrics are route names, never paths.
-    let metrics = c
-        .get(vs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = vs.scrape().await;
     assert!(metrics.contains(r#"route="users-read""#));
     assert!(
         !metrics.contains("/api/users"),

@@ -72,18 +72,23 @@ async fn https_upstream_with_a_private_ca() {
     let url = format!("https://localhost:{port}");
     let c = client();
 
-    let with_ca = config(&url, &url, "").replace(
-        "[legacy]\n",
-        &format!("[legacy]\nca_file = \"{}\"\n", ca_path.display()),
-    );
-    let vs = Vastshift::start(&with_ca).await;
+    // Both sides on the HTTPS server, with these lines for legacy and this extra TOML.
+    let https = |legacy: &str, extra: &str| {
+        Kit::new()
+            .legacy_url(&url)
+            .vastai_url(&url)
+            .legacy_lines(legacy)
+            .config(extra)
+    };
+
+    let with_ca = format!("ca_file = \"{}\"\n", ca_path.display());
+    let vs = https(&with_ca, "").await;
     let r = c.get(vs.url("/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "secure hello");
     vs.stop().await;
 
-    let without = config(&url, &url, "[split]\nfallback = false\n");
-    let vs = Vastshift::start(&without).await;
+    let vs = https("", "[split]\nfallback = false\n").await;
     let r = c.get(vs.url("/")).send().await.unwrap();
     assert_eq!(r.status(), 502);
     let v: Value = r.json().await.unwrap();
@@ -94,9 +99,8 @@ async fn https_upstream_with_a_private_ca() {
     );
     vs.stop().await;
 
-    let insecure =
-        config(&url, &url, "").replace("[legacy]\n", "[legacy]\ntls_insecure_skip_verify = true\n");
-    let vs = Vastshift::start(&insecure).await;
+    let insecure = "tls_insecure_skip_verify = true\n";
+    let vs = https(insecure, "").await;
     assert_eq!(c.get(vs.url("/")).send().await.unwrap().status(), 200);
     vs.stop().await;
 

@@ -75,24 +75,15 @@ impl Console {
     }
 }
 
-fn instance_config(legacy: &str, console: &str, refresh_secs: u64) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[legacy]\nurl = \"{legacy}\"\n[vastai]\nmode = \"instance\"\ninstance_id = 42\nport = 8080\napi_url = \"{console}\"\nrefresh_secs = {refresh_secs}\napi_key_env = \"VASTAI_API_KEY\"\n[split]\npercent = 100\nfallback = true\n[guard]\nenabled = false\n"
-    )
-}
-
-async fn start_with_key(text: &str) -> Vastshift {
-    let mut env = std::collections::HashMap::new();
-    env.insert("VASTAI_API_KEY".to_string(), KEY.to_string());
-    Vastshift::start_with(
-        text,
-        StartOptions {
-            env,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
+/// `kit` with vastai in instance mode, resolved through the console at `console`, with the
+/// key in the environment.
+fn instance(kit: Kit, console: &str, refresh_secs: u64) -> Kit {
+    kit.vastai_toml(format!(
+        "mode = \"instance\"\ninstance_id = 42\nport = 8080\napi_url = \"{console}\"\nrefresh_secs = {refresh_secs}\napi_key_env = \"VASTAI_API_KEY\"\n"
+    ))
+    .config("[split]\npercent = 100\nfallback = true\n[guard]\nenabled = false\n")
+    .grace(None)
+    .env("VASTAI_API_KEY", KEY)
 }
 
 async fn by(c: &reqwest::Client, vs: &Vastshift) -> (u16, String, String) {
@@ -104,11 +95,10 @@ async fn by(c: &reqwest::Client, vs: &Vastshift) -> (u16, String, String) {
 
 #[tokio::test]
 async fn instance_mode_follows_the_instance_through_port_changes_exits_and_console_trouble() {
-    let legacy = Backend::named("legacy").await;
     let worker1 = Backend::named("worker-1").await;
     let console = Console::start(worker1.addr.port()).await;
     // refresh_secs is long: a port change must be found through the connection error.
-    let vs = start_with_key(&instance_config(&legacy.url(), &console.backend.url(), 30)).await;
+    let vs = instance(Kit::new(), &console.backend.url(), 30).await;
     let c = client();
     assert!(
         eventually(5.0, || async { by(&c, &vs).await.2 == "worker-1" }).await,
@@ -143,12 +133,12 @@ async fn instance_mode_follows_the_instance_through_port_changes_exits_and_conso
         answers.iter().all(|(s, _)| *s == 200),
         "no failed request meanwhile: {answers:?}"
     );
-    vs.stop().await;
+    let kit = vs.stop().await;
 
     // Console rate limiting keeps the known-good address; an exited instance moves traffic to
     // legacy within refresh_secs + 1 s.
     console.set(|i| i.port = worker2.addr.port());
-    let vs = start_with_key(&instance_config(&legacy.url(), &console.backend.url(), 1)).await;
+    let vs = instance(kit, &console.backend.url(), 1).await;
     assert!(eventually(5.0, || async { by(&c, &vs).await.2 == "worker-2" }).await);
     console.set(|i| i.rate_limited = true);
     let calls = console.auth.lock().unwrap().len();
@@ -184,14 +174,7 @@ async fn instance_mode_follows_the_instance_through_port_changes_exits_and_conso
         "{:?}",
         t0.elapsed()
     );
-    let health: Value = c
-        .get(vs.admin_url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = vs.open_json("/health").await;
     assert_eq!(health["upstreams"]["vastai"]["healthy"], false);
     for _ in 0..10 {
         let (status, b, _) = by(&c, &vs).await;
@@ -313,16 +296,35 @@ impl Fake {
         }
     }
 
-    fn config(&self, legacy: &str, fallback: bool) -> String {
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[legacy]\nurl = \"{legacy}\"\n[vastai]\nmode = \"serverless\"\nendpoint = \"my-endpoint\"\nroute_url = \"{}/route/\"\ncost = 42.0\nmax_wait_secs = 2\napi_key_env = \"VASTAI_API_KEY\"\n[split]\npercent = 100\nfallback = {fallback}\n[guard]\nenabled = false\n",
-            self.router.url()
-        )
+    /// A fake, and vastshift in front of it that falls back to legacy.
+    async fn serve(router_mode: RouterMode, worker_mode: WorkerMode) -> (Fake, Running) {
+        let fake = Fake::start(router_mode, worker_mode).await;
+        let vs = fake.kit(Kit::new(), true).await;
+        (fake, vs)
+    }
+
+    /// `kit` with vastai in serverless mode on this fake's router.
+    fn kit(&self, kit: Kit, fallback: bool) -> Kit {
+        serverless(kit, &self.router.url(), fallback)
     }
 }
 
-async fn post_json(c: &reqwest::Client, vs: &Vastshift, body: Value) -> reqwest::Response {
-    c.post(vs.url("/v1/generate"))
+/// `kit` with vastai in serverless mode on the router at `router`, with the key in the
+/// environment.
+fn serverless(kit: Kit, router: &str, fallback: bool) -> Kit {
+    kit.vastai_toml(format!(
+        "mode = \"serverless\"\nendpoint = \"my-endpoint\"\nroute_url = \"{router}/route/\"\ncost = 42.0\nmax_wait_secs = 2\napi_key_env = \"VASTAI_API_KEY\"\n"
+    ))
+    .config(format!(
+        "[split]\npercent = 100\nfallback = {fallback}\n[guard]\nenabled = false\n"
+    ))
+    .grace(None)
+    .env("VASTAI_API_KEY", KEY)
+}
+
+async fn post_json(vs: &Vastshift, body: Value) -> reqwest::Response {
+    vs.client
+        .post(vs.url("/v1/generate"))
         .json(&body)
         .send()
         .await
@@ -331,12 +333,10 @@ async fn post_json(c: &reqwest::Client, vs: &Vastshift, body: Value) -> reqwest:
 
 #[tokio::test]
 async fn serverless_polls_a_cold_endpoint_then_calls_the_worker_with_the_exact_payload() {
-    let legacy = Backend::named("legacy").await;
-    let fake = Fake::start(RouterMode::ColdFor(2), WorkerMode::Echo).await;
-    let vs = start_with_key(&fake.config(&legacy.url(), true)).await;
+    let (fake, vs) = Fake::serve(RouterMode::ColdFor(2), WorkerMode::Echo).await;
     let c = client();
     let payload = json!({"prompt": "hello", "max_tokens": 5, "nested": {"a": [1, 2.5, null]}});
-    let r = post_json(&c, &vs, payload.clone()).await;
+    let r = post_json(&vs, payload.clone()).await;
     assert_eq!(r.status(), 200);
     assert_eq!(served_by(&r), "vastai");
     let answer: Value = r.json().await.unwrap();
@@ -383,12 +383,9 @@ async fn serverless_polls_a_cold_endpoint_then_calls_the_worker_with_the_exact_p
 
 #[tokio::test]
 async fn a_never_ready_endpoint_falls_back_or_answers_503_in_time() {
-    let legacy = Backend::named("legacy").await;
-    let fake = Fake::start(RouterMode::NeverReady, WorkerMode::Echo).await;
-    let c = client();
-    let vs = start_with_key(&fake.config(&legacy.url(), true)).await;
+    let (fake, vs) = Fake::serve(RouterMode::NeverReady, WorkerMode::Echo).await;
     let t0 = Instant::now();
-    let r = post_json(&c, &vs, json!({"prompt": "x"})).await;
+    let r = post_json(&vs, json!({"prompt": "x"})).await;
     assert_eq!(
         (r.status().as_u16(), served_by(&r).as_str()),
         (200, "legacy")
@@ -399,11 +396,11 @@ async fn a_never_ready_endpoint_falls_back_or_answers_503_in_time() {
         (2..=10).contains(&polls),
         "polled with backoff, not in a tight loop: {polls}"
     );
-    vs.stop().await;
+    let kit = vs.stop().await;
 
-    let vs = start_with_key(&fake.config(&legacy.url(), false)).await;
+    let vs = fake.kit(kit, false).await;
     let t0 = Instant::now();
-    let r = post_json(&c, &vs, json!({"prompt": "x"})).await;
+    let r = post_json(&vs, json!({"prompt": "x"})).await;
     assert_eq!(r.status(), 503);
     assert!(t0.elapsed() <= Duration::from_secs(3), "{:?}", t0.elapsed());
     let v: Value = r.json().await.unwrap();
@@ -413,11 +410,8 @@ async fn a_never_ready_endpoint_falls_back_or_answers_503_in_time() {
 
 #[tokio::test]
 async fn sse_from_the_worker_streams_event_by_event() {
-    let legacy = Backend::named("legacy").await;
-    let fake = Fake::start(RouterMode::ColdFor(0), WorkerMode::Sse).await;
-    let vs = start_with_key(&fake.config(&legacy.url(), true)).await;
-    let c = client();
-    let r = post_json(&c, &vs, json!({"prompt": "stream"})).await;
+    let (_fake, vs) = Fake::serve(RouterMode::ColdFor(0), WorkerMode::Sse).await;
+    let r = post_json(&vs, json!({"prompt": "stream"})).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     let t0 = Instant::now();
@@ -446,11 +440,8 @@ async fn sse_from_the_worker_streams_event_by_event() {
 
 #[tokio::test]
 async fn a_busy_worker_is_retried_with_a_fresh_route_and_a_401_falls_back_without_a_storm() {
-    let legacy = Backend::named("legacy").await;
-    let fake = Fake::start(RouterMode::ColdFor(0), WorkerMode::BusyOnce).await;
-    let vs = start_with_key(&fake.config(&legacy.url(), true)).await;
-    let c = client();
-    let r = post_json(&c, &vs, json!({"prompt": "retry"})).await;
+    let (fake, vs) = Fake::serve(RouterMode::ColdFor(0), WorkerMode::BusyOnce).await;
+    let r = post_json(&vs, json!({"prompt": "retry"})).await;
     assert_eq!(
         (r.status().as_u16(), served_by(&r).as_str()),
         (200, "vastai")
@@ -461,11 +452,11 @@ async fn a_busy_worker_is_retried_with_a_fresh_route_and_a_401_falls_back_withou
         "a fresh route for the retry"
     );
     assert_eq!(fake.worker_calls.lock().unwrap().len(), 2);
-    vs.stop().await;
+    let kit = vs.stop().await;
 
     let fake = Fake::start(RouterMode::Unauthorized, WorkerMode::Echo).await;
-    let vs = start_with_key(&fake.config(&legacy.url(), true)).await;
-    let r = post_json(&c, &vs, json!({"prompt": "denied"})).await;
+    let vs = fake.kit(kit, true).await;
+    let r = post_json(&vs, json!({"prompt": "denied"})).await;
     assert_eq!(
         (r.status().as_u16(), served_by(&r).as_str()),
         (200, "legacy")
@@ -477,12 +468,8 @@ async fn a_busy_worker_is_retried_with_a_fresh_route_and_a_401_falls_back_withou
 
 #[tokio::test]
 async fn a_vanishing_worker_is_retried_once_then_legacy_serves() {
-    let legacy = Backend::named("legacy").await;
-    let fake = Fake::start(RouterMode::ColdFor(0), WorkerMode::Echo).await;
     // The router hands out a worker URL on which nothing listens any more.
-    let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gone_url = format!("http://{}", gone.local_addr().unwrap());
-    drop(gone);
+    let gone_url = dead_url().await;
     let calls = Arc::new(Mutex::new(0usize));
     let c2 = Arc::clone(&calls);
     let router = Backend::start(move |_req| {
@@ -496,11 +483,8 @@ async fn a_vanishing_worker_is_retried_once_then_legacy_serves() {
         }
     })
     .await;
-    let text = fake
-        .config(&legacy.url(), true)
-        .replace(&fake.router.url(), &router.url());
-    let vs = start_with_key(&text).await;
-    let r = post_json(&client(), &vs, json!({"prompt": "x"})).await;
+    let vs = serverless(Kit::new(), &router.url(), true).await;
+    let r = post_json(&vs, json!({"prompt": "x"})).await;
     assert_eq!(
         (r.status().as_u16(), served_by(&r).as_str()),
         (200, "legacy")

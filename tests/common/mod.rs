@@ -4,8 +4,14 @@
 //! - [`Vastshift::start`] writes a config file into a temporary folder (state file beside it),
 //!   builds the app with an explicit environment (no `set_var`) and runs it in-process.
 //! - [`config`] renders a config pointing at two backends, with extra TOML appended.
+//! - [`kit`] builds all of that in one go ([`Kit`]) and holds the helpers tests share: the
+//!   request helpers on [`Vastshift`], [`metric`], [`RawServer`], the real binary ([`Served`]).
 
 #![allow(dead_code, clippy::unwrap_used)]
+
+pub mod kit;
+
+pub use kit::*;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -47,13 +53,8 @@ pub struct Seen {
 pub struct Backend {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// Serves the connections; dropping it closes them all.
+    _server: RawServer,
 }
 
 pub fn body(b: impl Into<Bytes>) -> RespBody {
@@ -95,55 +96,42 @@ impl Backend {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = Arc::clone(&seen);
-        let task = tokio::spawn(async move {
-            // Connections live in this set, so dropping the backend closes them all: a dropped
-            // backend is really gone, pooled connections included.
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                while connections.try_join_next().is_some() {}
-                let handler = Arc::clone(&handler);
-                let seen = Arc::clone(&seen2);
-                connections.spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let probe = req
-                            .headers()
-                            .get("user-agent")
-                            .is_some_and(|v| v == "vastshift-health");
-                        // Health probes are not traffic; they are left out of `seen`.
-                        if !probe {
-                            seen.lock().unwrap().push(Seen {
-                                method: req.method().clone(),
-                                target: req
-                                    .uri()
-                                    .path_and_query()
-                                    .map(|p| p.to_string())
-                                    .unwrap_or_default(),
-                                headers: req.headers().clone(),
-                            });
-                        }
-                        let fut = handler(req);
-                        async move { Ok::<_, Infallible>(fut.await) }
+        let server = RawServer::serve(listener, move |stream| {
+            let handler = Arc::clone(&handler);
+            let seen = Arc::clone(&seen2);
+            let svc = service_fn(move |req: Request<Incoming>| {
+                // Health probes are not traffic; they are left out of `seen`.
+                if !is_probe(&req) {
+                    seen.lock().unwrap().push(Seen {
+                        method: req.method().clone(),
+                        target: req
+                            .uri()
+                            .path_and_query()
+                            .map(|p| p.to_string())
+                            .unwrap_or_default(),
+                        headers: req.headers().clone(),
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await;
-                });
+                }
+                let fut = handler(req);
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            async move {
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
             }
         });
-        Backend { addr, seen, task }
+        Backend {
+            addr,
+            seen,
+            _server: server,
+        }
     }
 
     /// A backend answering 200 with its name as the body (and draining the request body).
     pub async fn named(name: &'static str) -> Backend {
-        Backend::start(move |req: Request<Incoming>| async move {
-            let _ = req.into_body().collect().await;
-            respond(200, name)
-        })
-        .await
+        Backend::start(kit::named(name)).await
     }
 
     pub fn url(&self) -> String {
@@ -157,13 +145,17 @@ impl Backend {
     pub fn last(&self) -> Option<Seen> {
         self.seen.lock().unwrap().last().cloned()
     }
+
+    /// The path and query of every request seen, in order.
+    pub fn seen_targets(&self) -> Vec<String> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().map(|s| s.target.clone()).collect()
+    }
 }
 
 /// A config for two backends, with `extra` TOML appended (sections may follow).
 pub fn config(legacy: &str, vastai: &str, extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace_secs = 5\n\n[legacy]\nurl = \"{legacy}\"\n\n[vastai]\nurl = \"{vastai}\"\n\n{extra}\n"
-    )
+    kit::render_plain(legacy, vastai, extra)
 }
 
 /// A running vastshift.
@@ -173,6 +165,8 @@ pub struct Vastshift {
     pub app: Arc<vastshift::App>,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
+    /// The client the request helpers in [`kit`] use.
+    pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), vastshift::RunError>>>,
 }
@@ -253,6 +247,7 @@ impl Vastshift {
             app,
             dir,
             config_path,
+            client: client(),
             stop: Some(tx),
             task: Some(task),
         })
@@ -304,13 +299,7 @@ pub fn admin(c: &reqwest::Client, method: reqwest::Method, url: String) -> reqwe
 
 /// An admin endpoint's JSON document.
 pub async fn admin_json(vs: &Vastshift, path: &str) -> serde_json::Value {
-    admin(&client(), reqwest::Method::GET, vs.admin_url(path))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    vs.admin_json(path).await
 }
 
 /// Which backend served a response, from `x-vastshift-backend`.
