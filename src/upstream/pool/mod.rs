@@ -5,13 +5,14 @@
 //! in memory; other requests with a body and upgrades go through hyper's connection API. Each
 //! kind keeps its own idle connections. hyper-util's pooled client is not used here: it takes
 //! an absolute URI and converts it back to origin form, hashes the pool key twice, and for
-//! HTTP/1 spawns a task per request to wait for the connection to be idle again. Here a connection goes back to the pool when its response body ends
-//! ([`UpstreamBody`]), and a checkout takes the most recently used idle connection for the same
-//! scheme and authority.
+//! HTTP/1 spawns a task per request to wait for the connection to be idle again. Here a
+//! connection goes back to the pool when its response body ends ([`UpstreamBody`]), and a
+//! checkout takes the most recently used idle connection for the same scheme and authority.
 //!
 //! Idle connections are closed after [`POOL_IDLE`], shorter than the keep-alive of common
-//! servers. A request that a reused connection could not even start is sent again on a new one,
-//! and so is an idempotent request whose reused connection closed before any answer.
+//! servers. On hyper's path a request that a reused connection could not even start is sent
+//! again on a new one; on the own exchange an idempotent request (`again`) whose reused
+//! connection closed or failed before any answer is sent once more, and any other is not.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -126,7 +127,9 @@ impl<T: Pooled> Shared<T> {
         let mut idle = self.lock();
         let now = Instant::now();
         while let Some(at) = idle.iter().rposition(|i| i.key == *key && i.fresh(now)) {
-            let mut conn = idle.swap_remove(at).conn;
+            // `remove`, not `swap_remove`: the list stays in return order, so the next checkout
+            // of another key still finds its newest connection last (usually `at` is the end).
+            let mut conn = idle.remove(at).conn;
             if conn.alive() {
                 return Some(conn);
             }
@@ -343,10 +346,14 @@ impl ConnPool {
     }
 
     fn wrap(&self, resp: Response<Incoming>, key: Key, tx: Sender) -> Response<UpstreamBody> {
-        // A switched protocol takes the connection; `Connection: close` ends it after this answer.
+        // A switched protocol takes the connection; `Connection: close` ends it after this answer;
+        // an answer framed by both Transfer-Encoding and Content-Length is not trusted with
+        // another request (RFC 9112 §6.3: a sign of smuggling or of a broken upstream).
+        let h = resp.headers();
         let reusable = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
-            && !resp
-                .headers()
+            && !(h.contains_key(http::header::TRANSFER_ENCODING)
+                && h.contains_key(http::header::CONTENT_LENGTH))
+            && !h
                 .get(http::header::CONNECTION)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));

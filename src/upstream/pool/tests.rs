@@ -397,6 +397,19 @@ async fn checkout_takes_the_newest_live_fresh_connection_of_its_key() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_checkout_keeps_the_order_of_the_other_keys() {
+    let shared = Shared::<Fake>::new();
+    let (a, b) = (key("http://a:1"), key("http://b:1"));
+    shared.put_back(a.clone(), fake(1, true));
+    shared.put_back(b.clone(), fake(2, true));
+    shared.put_back(b.clone(), fake(3, true));
+    assert_eq!(shared.checkout(&a).map(|c| c.id), Some(1));
+    // The newest of b's is still taken first.
+    assert_eq!(shared.checkout(&b).map(|c| c.id), Some(3));
+    assert_eq!(shared.checkout(&b).map(|c| c.id), Some(2));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_full_pool_sweeps_to_make_room_and_otherwise_closes_what_comes_back() {
     let shared = Shared::<Fake>::new();
     let a = key("http://a:1");
