@@ -150,6 +150,14 @@ pub fn render_status(r: &Value) -> String {
             ""
         }
     ));
+    if split.get("persisted").and_then(Value::as_bool) == Some(false) {
+        out.push_str(&format!(
+            "WARNING: the state in force is NOT persisted ({}); a restart now would lose it\n",
+            r["state_error"]
+                .as_str()
+                .unwrap_or("the state store refused the write")
+        ));
+    }
     for b in ["legacy", "vastai"] {
         let s = &r["backends"][b];
         out.push_str(&format!(

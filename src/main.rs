@@ -207,14 +207,15 @@ async fn serve(path: Option<PathBuf>) -> i32 {
         .get("VASTSHIFT_FORCE_LEGACY")
         .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
     let (proxy_addr, admin_addr) = (config.server.listen, config.server.admin_listen);
-    let proxy = match tokio::net::TcpListener::bind(proxy_addr).await {
+    let backlog = config.server.listen_backlog;
+    let proxy = match vastshift::server::bind(proxy_addr, backlog) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("vastshift: cannot listen on {proxy_addr} (server.listen): {e}");
             return EXIT_ERROR;
         }
     };
-    let admin = match tokio::net::TcpListener::bind(admin_addr).await {
+    let admin = match vastshift::server::bind(admin_addr, backlog) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("vastshift: cannot listen on {admin_addr} (server.admin_listen): {e}");

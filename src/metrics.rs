@@ -105,13 +105,8 @@ pub struct Metrics {
     shadow_counters: [IntCounter; 5],
     healthy: IntGaugeVec,
     in_flight: [IntGauge; 2],
-}
-
-fn idx(b: Backend) -> usize {
-    match b {
-        Backend::Legacy => 0,
-        Backend::Vastai => 1,
-    }
+    /// Writes of operator state that failed; the state is retried and still applies in memory.
+    state_write_failures: IntCounter,
 }
 
 impl Metrics {
@@ -191,6 +186,11 @@ impl Metrics {
             ),
             &["backend"],
         )?;
+        let state_write_failures = IntCounter::new(
+            "vastshift_state_write_failures_total",
+            "Writes of overrides, the rollback latch, ramp progress and the audit tail that failed.",
+        )?;
+        registry.register(Box::new(state_write_failures.clone()))?;
         for c in [
             &requests,
             &upstream_errors,
@@ -248,6 +248,7 @@ impl Metrics {
             shadow_counters,
             healthy,
             in_flight,
+            state_write_failures,
         })
     }
 
@@ -268,8 +269,8 @@ impl Metrics {
         // The name check covers a table swapped between routing and recording.
         match handles.get(i).filter(|h| h.name == name) {
             Some(h) => {
-                h.codes[idx(backend)][class_index(status)].inc();
-                h.duration[idx(backend)].observe(seconds);
+                h.codes[backend.index()][class_index(status)].inc();
+                h.duration[backend.index()].observe(seconds);
             }
             None => self.record_request(backend, name, status, seconds),
         }
@@ -298,7 +299,7 @@ impl Metrics {
     }
 
     pub fn in_flight(&self, backend: Backend) -> &IntGauge {
-        &self.in_flight[idx(backend)]
+        &self.in_flight[backend.index()]
     }
 
     /// Replaces the split gauges with the given (route, percent) pairs, the global split first and
@@ -329,6 +330,11 @@ impl Metrics {
 
     pub fn rollbacks(&self, trigger: RollbackTrigger) -> u64 {
         self.rollbacks.with_label_values(&[trigger.as_str()]).get()
+    }
+
+    /// Operator state could not be written.
+    pub fn state_write_failed(&self) {
+        self.state_write_failures.inc();
     }
 
     pub fn reload(&self, ok: bool) {
@@ -395,6 +401,7 @@ mod tests {
             "vastshift_shadow_requests_total",
             "vastshift_upstream_healthy",
             "vastshift_in_flight_requests",
+            "vastshift_state_write_failures_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -64,6 +64,8 @@ pub struct RoutingTable {
     pub sticky: Sticky,
     pub salt: String,
     pub override_header: Option<HeaderName>,
+    /// Clients whose override header is honoured; empty: every client.
+    pub override_from: Vec<ipnet::IpNet>,
     pub fallback: bool,
     pub rolled_back: bool,
 }
@@ -101,6 +103,7 @@ impl RoutingTable {
             sticky: Sticky::None,
             salt: String::new(),
             override_header: None,
+            override_from: Vec::new(),
             fallback: true,
             rolled_back: false,
         }
@@ -165,6 +168,7 @@ impl RoutingTable {
         let override_value = self
             .override_header
             .as_ref()
+            .filter(|_| self.override_trusted(client_ip))
             .and_then(|h| headers.values(h).next());
         let bucket = self
             .sticky_key(headers, client_ip)
@@ -172,14 +176,24 @@ impl RoutingTable {
         self.decide(route, override_value, bucket)
     }
 
-    /// The pure routing decision for a request whose route and bucket are known.
+    /// Whether a client at `ip` may pin a backend with the override header
+    /// (`split.override_from`).
+    pub fn override_trusted(&self, ip: IpAddr) -> bool {
+        self.override_from.is_empty() || self.override_from.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The pure routing decision for a request whose route and bucket are known. A rollback
+    /// (and the kill switch, which starts rolled back) is absolute: no override header brings a
+    /// request back to vastai while it is latched.
     pub fn decide(&self, route: RouteRef, override_value: Option<&[u8]>, bucket: u16) -> Decision {
         let percent = self.route_percent(route);
-        let pinned = override_value.and_then(|v| match v {
-            b"legacy" => Some(Backend::Legacy),
-            b"vastai" => Some(Backend::Vastai),
-            _ => None,
-        });
+        let pinned = override_value
+            .filter(|_| !self.rolled_back)
+            .and_then(|v| match v {
+                b"legacy" => Some(Backend::Legacy),
+                b"vastai" => Some(Backend::Vastai),
+                _ => None,
+            });
         let (backend, reason) = match pinned {
             Some(b) => (b, Reason::OverrideHeader),
             None if bucket < percent.hundredths() => (Backend::Vastai, Reason::Split),
@@ -403,6 +417,37 @@ mod tests {
         );
         let d = t.decide(RouteRef::Default, Some(b"bogus"), 9999);
         assert_eq!((d.backend, d.reason), (Backend::Legacy, Reason::Split));
+    }
+
+    #[test]
+    fn a_rollback_beats_the_override_header() {
+        let mut t = table(0);
+        t.rolled_back = true;
+        let d = t.decide(RouteRef::Default, Some(b"vastai"), 0);
+        assert_eq!((d.backend, d.reason), (Backend::Legacy, Reason::Split));
+    }
+
+    #[test]
+    fn the_override_header_only_from_trusted_sources() {
+        let mut t = table(0);
+        t.override_header = Some(HeaderName::from_static("x-pin"));
+        let mut h = HeaderMap::new();
+        h.insert("x-pin", "vastai".parse().expect("valid"));
+        let local: IpAddr = "127.0.0.1".parse().expect("ip");
+        let outside: IpAddr = "192.0.2.7".parse().expect("ip");
+        assert_eq!(
+            t.decide_request(&Method::GET, "/", &h, outside).backend,
+            Backend::Vastai
+        );
+        t.override_from = vec!["127.0.0.0/8".parse().expect("net")];
+        assert_eq!(
+            t.decide_request(&Method::GET, "/", &h, local).backend,
+            Backend::Vastai
+        );
+        assert_eq!(
+            t.decide_request(&Method::GET, "/", &h, outside).backend,
+            Backend::Legacy
+        );
     }
 
     #[test]

@@ -26,6 +26,20 @@ use crate::proxy::lane;
 use crate::proxy::Client;
 use crate::vocab::Backend;
 
+/// Binds a listener with a listen queue of `backlog` (`server.listen_backlog`; the kernel caps
+/// it at `net.core.somaxconn`), so a burst of connects is not met by SYN retransmits as it is
+/// at the common default of 128.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// The two bound listeners; binding is the caller's job so tests can use port 0.
 pub struct Listeners {
     pub proxy: TcpListener,
@@ -92,7 +106,7 @@ pub async fn run(
 
     let admin = {
         let mut stop = stop_rx.clone();
-        let router = crate::ops::admin::router(Arc::clone(&app));
+        let router = crate::ops::admin::router(Arc::clone(&app), admin_addr);
         tokio::spawn(async move {
             let serve = axum::serve(listeners.admin, router).with_graceful_shutdown(async move {
                 let _ = stop.changed().await;

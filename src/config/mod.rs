@@ -116,7 +116,10 @@ pub fn parse(text: &str, base_dir: PathBuf) -> Result<Config, ConfigError> {
                 })
                 .unwrap_or_default();
             let message = inner.message().trim().to_string();
-            if path.is_empty() || path == "." {
+            let key = inner.span().and_then(|s| key_at(text, s.start));
+            if let (true, Some(key)) = (path.is_empty() || path == ".", key) {
+                ConfigError::Parse(format!("{key}: {message}{line}"))
+            } else if path.is_empty() || path == "." {
                 ConfigError::Parse(format!("{message}{line}"))
             } else {
                 ConfigError::Parse(format!("{path}: {message}{line}"))
@@ -136,6 +139,28 @@ pub fn parse(text: &str, base_dir: PathBuf) -> Result<Config, ConfigError> {
     };
     config.validate()?;
     Ok(config)
+}
+
+/// The dotted name (`legacy.timeout_ms`) of the key on the line holding byte `at`, for errors the
+/// TOML reader raises before serde knows the field (a number too large, a bad string).
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let before = text.get(..at.min(text.len()))?;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let section = before[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
 }
 
 /// `p` from the file, against the file's folder.
@@ -160,6 +185,17 @@ impl Config {
         }
         if s.header_read_timeout_ms == 0 {
             return Err(invalid("server.header_read_timeout_ms", "must be above 0"));
+        }
+        let (l, a) = (s.listen, s.admin_listen);
+        let overlap = l.ip() == a.ip() || l.ip().is_unspecified() || a.ip().is_unspecified();
+        if l.port() != 0 && l.port() == a.port() && overlap {
+            return Err(invalid(
+                "server.admin_listen",
+                format!("{a} would share its port with server.listen ({l})"),
+            ));
+        }
+        if s.listen_backlog == 0 || s.listen_backlog > 65_535 {
+            return Err(invalid("server.listen_backlog", "must be from 1 to 65535"));
         }
         if !(8192..=1 << 20).contains(&s.max_request_header_bytes) {
             return Err(invalid(
@@ -386,6 +422,34 @@ mod tests {
         assert!(err.to_string().contains("shadow.methods"), "{err}");
         let err = parse_str("[shadow]\nignore_headers = [\"a b\"]\n").expect_err("header");
         assert!(err.to_string().contains("shadow.ignore_headers"), "{err}");
+    }
+
+    #[test]
+    fn listeners_must_not_share_a_port() {
+        let err =
+            parse_str("[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:8080\"\n")
+                .expect_err("same address");
+        assert!(err.to_string().contains("server.admin_listen"), "{err}");
+        let err =
+            parse_str("[server]\nlisten = \"0.0.0.0:8080\"\nadmin_listen = \"127.0.0.1:8080\"\n")
+                .expect_err("overlapping");
+        assert!(err.to_string().contains("server.admin_listen"), "{err}");
+        // Both on port 0 (tests) or on different ports: fine.
+        parse_str("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n")
+            .expect("port 0");
+        parse_str("[server]\nlisten = \"0.0.0.0:8080\"\nadmin_listen = \"127.0.0.1:9901\"\n")
+            .expect("apart");
+    }
+
+    #[test]
+    fn a_number_too_large_names_its_field() {
+        let err = parse(
+            "[legacy]\nurl = \"http://x\"\ntimeout_ms = 18446744073709551616\n[vastai]\nurl = \"http://y\"\n",
+            ".".into(),
+        )
+        .expect_err("too large");
+        assert!(err.to_string().contains("legacy.timeout_ms"), "{err}");
+        assert!(err.to_string().contains("line 3"), "{err}");
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct ServerConfig {
     pub expose_backend_header: bool,
     pub header_read_timeout_ms: u64,
     pub max_request_header_bytes: usize,
+    /// The listen queue of both listeners (the kernel caps it at `net.core.somaxconn`).
+    pub listen_backlog: u32,
 }
 
 impl Default for ServerConfig {
@@ -40,6 +42,7 @@ impl Default for ServerConfig {
             expose_backend_header: true,
             header_read_timeout_ms: 10_000,
             max_request_header_bytes: 65_536,
+            listen_backlog: 4096,
         }
     }
 }
@@ -55,6 +58,9 @@ pub struct SplitConfig {
     /// Request header pinning a backend; `""` in the file (none here) disables it.
     #[serde(deserialize_with = "values::optional_header")]
     pub override_header: Option<HeaderName>,
+    /// Client addresses (CIDR or single IPs) whose override header is honoured; empty: any.
+    #[serde(deserialize_with = "values::networks")]
+    pub override_from: Vec<ipnet::IpNet>,
     /// Replay on legacy when vastai cannot be reached (SPEC §4).
     pub fallback: bool,
 }
@@ -66,6 +72,7 @@ impl Default for SplitConfig {
             sticky: Sticky::None,
             salt: "vastshift".into(),
             override_header: Some(HeaderName::from_static("x-vastshift-backend")),
+            override_from: Vec::new(),
             fallback: true,
         }
     }

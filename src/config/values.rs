@@ -286,6 +286,20 @@ pub fn header_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<HeaderName>, 
         .collect()
 }
 
+/// A list of networks (`10.0.0.0/8`) or single addresses (`127.0.0.1`, `::1`).
+pub fn networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!("{s:?} is not an address or a CIDR network"))
+                })
+        })
+        .collect()
+}
+
 /// A header name, or none for `""` (the feature is off).
 pub fn optional_header<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HeaderName>, D::Error> {
     let s = String::deserialize(d)?;

@@ -21,6 +21,9 @@ pub struct SplitDocument {
     pub reason: Option<String>,
     pub updated_at: String,
     pub routes: Vec<RouteDocument>,
+    /// False when the change applies in memory but could not be written to the state store
+    /// (it is retried; until then a restart would lose it).
+    pub persisted: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -111,6 +114,7 @@ pub(super) fn build_table(inner: &Inner) -> RoutingTable {
         sticky: file.split.sticky.clone(),
         salt: file.split.salt.clone(),
         override_header: file.split.override_header.clone(),
+        override_from: file.split.override_from.clone(),
         fallback: file.split.fallback,
         rolled_back: rolled.is_some(),
     }
@@ -118,6 +122,7 @@ pub(super) fn build_table(inner: &Inner) -> RoutingTable {
 
 pub(super) fn document(inner: &Inner, table: &RoutingTable) -> SplitDocument {
     SplitDocument {
+        persisted: true,
         percent: table.percent.as_f64(),
         source: table.source,
         file_percent: inner.file.split.percent.as_f64(),

@@ -61,6 +61,18 @@ pub(crate) struct Inner {
     pub state: PersistedState,
     pub updated_at: String,
     pub reason: Option<String>,
+    /// Counts the changes of `state`, so the store is never handed an older one after a newer.
+    version: u64,
+}
+
+/// How writes to the store stand. Writes happen outside control's lock (a slow disk must not
+/// hold up the requests that read the snapshot or the next admin call), ordered by version.
+#[derive(Default)]
+struct Persistence {
+    /// The version last written, under the lock that orders writes.
+    written: Mutex<u64>,
+    /// Why the last write failed, while the stored state is behind the one in force.
+    failing: Mutex<Option<String>>,
 }
 
 /// The single owner of what the request path reads.
@@ -68,6 +80,7 @@ pub struct Control {
     snapshot: SnapshotHandle,
     inner: Mutex<Inner>,
     store: Arc<dyn StateStore>,
+    persistence: Persistence,
     metrics: Arc<Metrics>,
 }
 
@@ -110,8 +123,10 @@ impl Control {
                 state,
                 updated_at: now.clone(),
                 reason: None,
+                version: 0,
             }),
             store,
+            persistence: Persistence::default(),
             metrics,
         };
         {
@@ -162,7 +177,9 @@ impl Control {
     }
 
     pub fn split_document(&self) -> SplitDocument {
-        document(&self.lock(), &self.snapshot().table)
+        let mut doc = document(&self.lock(), &self.snapshot().table);
+        doc.persisted = self.persist_error().is_none();
+        doc
     }
 
     pub fn audit_log(&self) -> Vec<AuditEntry> {
@@ -219,7 +236,7 @@ impl Control {
         );
         inner.reason = reason;
         inner.updated_at = now;
-        Ok(self.commit(&mut inner))
+        Ok(self.commit(inner))
     }
 
     /// `DELETE /admin/split`: removes an override so the file's value applies; clears a rollback.
@@ -250,7 +267,7 @@ impl Control {
         audit(&mut inner, Actor::Admin, &change, from, to, reason.clone());
         inner.reason = reason;
         inner.updated_at = now_rfc3339();
-        Ok(self.commit(&mut inner))
+        Ok(self.commit(inner))
     }
 
     /// Every percentage to 0 in one swap; latched until an operator's next PUT or DELETE.
@@ -280,7 +297,7 @@ impl Control {
             reason = reason.as_deref().unwrap_or(""),
             "rolled back to legacy"
         );
-        self.commit(&mut inner)
+        self.commit(inner)
     }
 
     /// A reloaded, valid config file and the upstreams built from it, published in one swap
@@ -326,16 +343,76 @@ impl Control {
         {
             inner.updated_at = now_rfc3339();
         }
-        self.commit(&mut inner);
+        self.commit(inner);
     }
 
-    /// Builds, swaps and persists the table; updates the split gauges.
-    fn commit(&self, inner: &mut Inner) -> SplitDocument {
-        self.publish(inner);
-        if let Err(e) = self.store.save(&inner.state) {
-            tracing::error!(error = %e, "routing state changed but could not be persisted");
+    /// Builds and swaps the snapshot, updates the split gauges, then — with control's lock
+    /// released — persists the state. The change applies whatever the store says; the document
+    /// tells whether it was persisted.
+    fn commit(&self, mut inner: MutexGuard<'_, Inner>) -> SplitDocument {
+        self.publish(&mut inner);
+        inner.version += 1;
+        let mut doc = document(&inner, &self.snapshot().table);
+        let (version, state) = (inner.version, inner.state.clone());
+        drop(inner);
+        doc.persisted = self.persist(version, &state);
+        doc
+    }
+
+    /// Writes `state` (of `version`) unless a newer one was written already. On failure the
+    /// state stays in force in memory, the failure is counted and shown, and the supervisor
+    /// retries ([`Self::retry_persist`]). Returns whether the store holds the state in force.
+    fn persist(&self, version: u64, state: &PersistedState) -> bool {
+        let mut written = self
+            .persistence
+            .written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *written >= version {
+            return self.persist_error().is_none();
         }
-        document(inner, &self.snapshot().table)
+        let result = self.store.save(state);
+        let mut failing = self
+            .persistence
+            .failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => {
+                *written = version;
+                if failing.take().is_some() {
+                    tracing::info!("routing state persisted again");
+                }
+                true
+            }
+            Err(e) => {
+                self.metrics.state_write_failed();
+                tracing::error!(error = %e, "routing state changed but could not be persisted; it applies in memory and is retried");
+                *failing = Some(e.to_string());
+                false
+            }
+        }
+    }
+
+    /// Writes the state in force again if the last write failed; the supervisor calls it.
+    pub fn retry_persist(&self) {
+        if self.persist_error().is_none() {
+            return;
+        }
+        let (version, state) = {
+            let inner = self.lock();
+            (inner.version, inner.state.clone())
+        };
+        self.persist(version, &state);
+    }
+
+    /// Why the state in force is not persisted, if it is not.
+    pub fn persist_error(&self) -> Option<String> {
+        self.persistence
+            .failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn publish(&self, inner: &mut Inner) {

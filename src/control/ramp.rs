@@ -119,7 +119,7 @@ impl Control {
             json!(first.as_f64()),
             None,
         );
-        self.commit(&mut inner);
+        self.commit(inner);
         Ok(progress)
     }
 
@@ -161,7 +161,7 @@ impl Control {
                 let to = json!(build_table(&inner).percent.as_f64());
                 audit(&mut inner, Actor::Admin, "ramp abort", from, to, None);
                 inner.updated_at = now;
-                self.commit(&mut inner);
+                self.commit(inner);
                 return Ok(None);
             }
         }
@@ -175,7 +175,7 @@ impl Control {
             json!(null),
             None,
         );
-        self.commit(&mut inner);
+        self.commit(inner);
         Ok(Some(progress))
     }
 
@@ -207,8 +207,9 @@ impl Control {
             json!(percent.as_f64()),
             None,
         );
-        self.commit(&mut inner);
-        inner.state.ramp.clone()
+        let progress = inner.state.ramp.clone();
+        self.commit(inner);
+        progress
     }
 }
 

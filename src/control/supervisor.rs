@@ -33,6 +33,8 @@ impl Supervisor {
 
     /// One evaluation at `now`.
     pub fn tick(&mut self, now: Instant) {
+        // A state write that failed is retried until the store takes it.
+        self.control.retry_persist();
         let snapshot = self.control.snapshot();
         let config = &snapshot.config;
         let rolled_back = self.control.rolled_back();

@@ -31,7 +31,7 @@ use crate::upstream::VastaiUpstream;
 use crate::vocab::Backend;
 
 /// An error answer: status and a message for `{"error": ...}`.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -52,8 +52,13 @@ fn bad_request(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-/// The ops router.
-pub fn router(app: Arc<App>) -> Router {
+/// The ops router. `admin_addr` is the ops listener's own address, for the checks of
+/// [`super::origin`].
+pub fn router(app: Arc<App>, admin_addr: std::net::SocketAddr) -> Router {
+    let listener = Arc::new(super::origin::Listener {
+        addr: admin_addr,
+        token: app.admin_token.is_some(),
+    });
     let admin = Router::new()
         .route(
             "/admin/split",
@@ -69,6 +74,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             authenticate,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            listener,
+            super::origin::check,
         ));
     Router::new()
         .route("/health", get(health))
@@ -84,12 +93,14 @@ async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> 
         // No token: only reachable because the listener is loopback (checked at start).
         return next.run(req).await;
     };
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, t)| t.trim());
     if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
         next.run(req).await
     } else {
@@ -131,6 +142,10 @@ async fn health(State(app): State<Arc<App>>) -> Response {
             },
         },
         "split": split,
+        "state": {
+            "persisted": split.persisted,
+            "error": app.control.persist_error(),
+        },
     }))
     .into_response()
 }
@@ -190,7 +205,9 @@ fn parse_percent(v: Option<serde_json::Value>) -> Result<Percent, ApiError> {
 
 fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
     match reason {
-        Some(r) if r.len() > 1000 => Err(bad_request("reason is longer than 1000 characters")),
+        Some(r) if r.chars().count() > 1000 => {
+            Err(bad_request("reason is longer than 1000 characters"))
+        }
         _ => Ok(()),
     }
 }

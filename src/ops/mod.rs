@@ -1,9 +1,11 @@
 //! The ops listener and what it reports.
 //!
 //! - [`admin`]: the router of `server.admin_listen` (health, readiness, metrics, `/admin/*`).
+//! - [`origin`]: the Host, Origin and Content-Type rules against cross-site requests.
 //! - [`status`]: the migration status report (SPEC §7), shared by the API and the CLI.
 //!
 //! Nothing here writes routing state except through [`crate::control`].
 
 pub mod admin;
+pub mod origin;
 pub mod status;

@@ -56,6 +56,8 @@ pub struct StatusReport {
     pub ramp: RampDocument,
     pub upstream_healthy: UpstreamHealth,
     pub last_reload: Option<ReloadResult>,
+    /// Why the state in force is not persisted, when it is not (`split.persisted` is false).
+    pub state_error: Option<String>,
     pub checks: Vec<Check>,
 }
 
@@ -213,6 +215,7 @@ pub fn report(app: &App) -> StatusReport {
             vastai: app.health.is_healthy(Backend::Vastai),
         },
         last_reload: app.reloader.last(),
+        state_error: app.control.persist_error(),
         split,
         checks,
     }

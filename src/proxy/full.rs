@@ -190,12 +190,15 @@ impl Proxy {
             Err(e) => Attempt::Failed(e),
         };
         let replayable = replay.is_some();
-        let (served_by, result) =
+        // After a fallback, legacy's latency is its own attempt's, not the wait on vastai too.
+        let (served_by, result, start) =
             if self.falls_back(&snap, backend, &method, replayable, attempt, label, start) {
                 drop(first);
-                Box::pin(self.replay_on_legacy(&snap, out.as_ref(), replay)).await
+                let replayed = Instant::now();
+                let (b, r) = Box::pin(self.replay_on_legacy(&snap, out.as_ref(), replay)).await;
+                (b, r, replayed)
             } else {
-                (backend, first)
+                (backend, first, start)
             };
         drop(guard);
 
@@ -299,6 +302,11 @@ impl Proxy {
                 tokio::spawn(tunnel(client_side, upstream_side, backend));
             }
         } else {
+            // RFC 9112 §6.3: Transfer-Encoding wins over Content-Length, and the body is framed
+            // anew for the client, so the upstream's length must not reach it.
+            if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
             strip_hop_by_hop(&mut parts.headers);
         }
         if snap.expose_backend_header {

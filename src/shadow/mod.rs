@@ -35,7 +35,7 @@ use crate::safety::window::Windows;
 use crate::upstream::{Body, BoxError};
 use crate::vocab::now_rfc3339;
 use capture::Tee;
-use compare::{Answer, Difference, Fields};
+use compare::{Answer, Difference, Fields, Ignore};
 use plan::RequestCopy;
 pub use plan::{Settings, ShadowPlan, ShadowTask};
 pub use send::{Context, Origin, Outgoing};
@@ -43,6 +43,9 @@ use send::{Job, Primary};
 
 /// How many mismatches `GET /admin/shadow` keeps.
 const KEEP_MISMATCHES: usize = 100;
+/// How many noisy fields the parallel run learns at most; more are counted and dropped, so
+/// answers with a new random key each cannot grow the set, the document or the comparison.
+pub const MAX_LEARNED: usize = 256;
 
 /// One recorded mismatch.
 #[derive(Debug, Clone, Serialize)]
@@ -62,6 +65,11 @@ pub struct Mismatch {
 struct Report {
     mismatches: VecDeque<Mismatch>,
     learned: BTreeSet<String>,
+    /// `learned` as the comparison reads it, rebuilt only when something new is learned, so a
+    /// comparison takes a pointer instead of copying the set.
+    learned_ignore: Arc<Ignore>,
+    /// Noisy fields seen past [`MAX_LEARNED`].
+    learned_dropped: u64,
 }
 
 /// `GET /admin/shadow`.
@@ -76,6 +84,8 @@ pub struct ShadowDocument {
     pub dropped: u64,
     pub match_rate: Option<f64>,
     pub learned_noise: Vec<String>,
+    /// Noisy fields not learned because `learned_noise` is full.
+    pub learned_noise_dropped: u64,
     pub mismatches: Vec<Mismatch>,
 }
 
@@ -214,10 +224,8 @@ impl Shadow {
                 &settings.ignore,
             )
         } else {
-            let mut ignore = settings.ignore.clone();
-            for p in &learned {
-                ignore.add(p);
-            }
+            // The operator's and the learned pointers, read together without merging them.
+            let ignore = (&settings.ignore, &*learned);
             compare::compare(primary, mirrored, &settings.ignore_headers, &ignore)
         };
         if diffs.is_empty() {
@@ -253,13 +261,14 @@ impl Shadow {
             dropped: m.shadow_count(ShadowResult::Dropped),
             match_rate: (compared > 0).then(|| matched as f64 / compared as f64),
             learned_noise: report.learned.iter().cloned().collect(),
+            learned_noise_dropped: report.learned_dropped,
             mismatches: report.mismatches.iter().rev().cloned().collect(),
         }
     }
 
-    fn learned(&self) -> Vec<String> {
+    fn learned(&self) -> Arc<Ignore> {
         let report = self.report.lock().unwrap_or_else(|p| p.into_inner());
-        report.learned.iter().cloned().collect()
+        Arc::clone(&report.learned_ignore)
     }
 
     /// Learns the fields that differ between two answers of the serving backend to one request.
@@ -277,10 +286,22 @@ impl Shadow {
             return;
         }
         let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        let mut grown = false;
         for p in pointers {
-            if report.learned.insert(p.clone()) {
-                tracing::info!(pointer = %p, "shadow: learned a noisy field");
+            if report.learned.contains(&p) {
+                continue;
             }
+            if report.learned.len() >= MAX_LEARNED {
+                report.learned_dropped += 1;
+                continue;
+            }
+            tracing::info!(pointer = %p, "shadow: learned a noisy field");
+            report.learned.insert(p);
+            grown = true;
+        }
+        if grown {
+            report.learned_ignore =
+                Arc::new(Ignore::new(report.learned.iter().map(String::as_str)));
         }
     }
 
@@ -299,5 +320,43 @@ impl Shadow {
                 report.mismatches.pop_front();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn answer(body: &str) -> Answer {
+        let mut json = http::HeaderMap::new();
+        json.insert(
+            "content-type",
+            http::HeaderValue::from_static("application/json"),
+        );
+        Answer {
+            status: 200,
+            headers: Fields::from_map(&json),
+            body: Bytes::from(body.to_string()),
+            total_len: body.len() as u64,
+        }
+    }
+
+    #[test]
+    fn learned_noise_is_bounded_and_counted() {
+        let shadow = Shadow::new(Arc::new(Metrics::new().expect("metrics")));
+        for i in 0..(MAX_LEARNED + 40) {
+            let a = answer(&format!("{{\"k{i}\": 1}}"));
+            let b = answer(&format!("{{\"k{i}\": 2}}"));
+            shadow.learn_from(&a, &b);
+        }
+        let doc = shadow.document(true);
+        assert_eq!(doc.learned_noise.len(), MAX_LEARNED);
+        assert_eq!(doc.learned_noise_dropped, 40);
+        assert_eq!(shadow.learned().len(), MAX_LEARNED);
+        // Learning nothing new keeps the same set for the comparisons.
+        let before = shadow.learned();
+        shadow.learn_from(&answer("{\"k0\": 1}"), &answer("{\"k0\": 3}"));
+        assert!(Arc::ptr_eq(&before, &shadow.learned()));
     }
 }

@@ -113,15 +113,17 @@ impl Exchange<'_> {
             Ok(answer) => Attempt::Answered(answer.head.status),
             Err(e) => Attempt::Failed(e),
         };
-        let (served_by, up, result) =
+        // After a fallback, legacy's latency is its own attempt's, not the wait on vastai too.
+        let (served_by, up, result, start) =
             if proxy.falls_back(&snap, backend, method, true, attempt, label, start) {
                 drop(first);
+                let replayed = Instant::now();
                 let legacy = &snap.upstreams.legacy;
                 let _guard = InFlight::new(proxy.metrics.in_flight(Backend::Legacy));
                 let res = self.send(&snap, legacy, id, up_head).await;
-                (Backend::Legacy, legacy, res)
+                (Backend::Legacy, legacy, res, replayed)
             } else {
-                (backend, up, first)
+                (backend, up, first, start)
             };
         drop(guard);
 

@@ -1,0 +1,265 @@
+//! Safety promises that hold against any client: a rollback no client header undoes, an admin
+//! API a web page cannot drive, answers framed by the upstream's body and not its stale length,
+//! latencies that belong to the backend that spent them, and a state write that fails loudly.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use reqwest::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A GET on the lane and a POST with a body on hyper's path, both asking for vastai.
+async fn pinned_both_paths(vs: &Vastshift) -> (String, String) {
+    let get = vs.pinned("/x", "vastai").await;
+    let post = vs
+        .client
+        .post(vs.url("/x"))
+        .header("x-vastshift-backend", "vastai")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    (served_by(&get), served_by(&post))
+}
+
+#[tokio::test]
+async fn a_rollback_and_the_kill_switch_beat_the_override_header() {
+    let vs = Kit::with("[split]\npercent = 0\n").await;
+    assert_eq!(
+        pinned_both_paths(&vs).await,
+        ("vastai".into(), "vastai".into()),
+        "the header pins vastai before a rollback"
+    );
+    let r = vs
+        .admin_send(Method::POST, "/admin/rollback", r#"{"reason":"test"}"#)
+        .await;
+    assert_eq!(r.status(), 200);
+    for _ in 0..5 {
+        assert_eq!(
+            pinned_both_paths(&vs).await,
+            ("legacy".into(), "legacy".into()),
+            "a rollback is absolute"
+        );
+    }
+    vs.stop().await;
+    let vs = Kit::with("[split]\npercent = 100\n").force_legacy().await;
+    assert_eq!(
+        pinned_both_paths(&vs).await,
+        ("legacy".into(), "legacy".into()),
+        "and so is VASTSHIFT_FORCE_LEGACY"
+    );
+}
+
+#[tokio::test]
+async fn the_override_header_only_from_trusted_sources() {
+    let vs = Kit::with("[split]\npercent = 0\noverride_from = [\"192.0.2.0/24\"]\n").await;
+    assert_eq!(
+        pinned_both_paths(&vs).await,
+        ("legacy".into(), "legacy".into()),
+        "127.0.0.1 is not in override_from"
+    );
+    vs.stop().await;
+    let vs = Kit::with("[split]\npercent = 0\noverride_from = [\"127.0.0.1\"]\n").await;
+    assert_eq!(
+        pinned_both_paths(&vs).await,
+        ("vastai".into(), "vastai".into())
+    );
+}
+
+/// A raw request to the admin listener, for heads a client library would not send.
+async fn raw_admin(vs: &Vastshift, head: &str, body: &str) -> u16 {
+    let mut sock = tokio::net::TcpStream::connect(vs.admin).await.unwrap();
+    let req = format!(
+        "{head}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn without_a_token_a_web_page_cannot_drive_the_admin_api() {
+    let vs = Kit::new().no_token().await;
+    let host = format!("host: {}\r\n", vs.admin);
+    // A cross-site form or text/plain post, the kinds a page sends without asking.
+    let form = format!("POST /admin/rollback HTTP/1.1\r\n{host}content-type: text/plain\r\n");
+    assert_eq!(raw_admin(&vs, &form, "{}").await, 415);
+    let form = format!(
+        "POST /admin/ramp HTTP/1.1\r\n{host}content-type: application/x-www-form-urlencoded\r\n"
+    );
+    assert_eq!(raw_admin(&vs, &form, r#"{"action":"start"}"#).await, 415);
+    // Any cross-site request carries its Origin.
+    let foreign = format!(
+        "POST /admin/rollback HTTP/1.1\r\n{host}origin: https://evil.example\r\ncontent-type: application/json\r\n"
+    );
+    assert_eq!(raw_admin(&vs, &foreign, "{}").await, 403);
+    // DNS rebinding: the page's own name reaches the listener.
+    let rebound = format!(
+        "POST /admin/rollback HTTP/1.1\r\nhost: evil.example:{}\r\ncontent-type: application/json\r\n",
+        vs.admin.port()
+    );
+    assert_eq!(raw_admin(&vs, &rebound, "{}").await, 421);
+    let read = "GET /admin/split HTTP/1.1\r\nhost: evil.example\r\n";
+    assert_eq!(raw_admin(&vs, read, "").await, 421);
+    let split = vs.open_json("/admin/split").await;
+    assert_eq!(split["rolled_back"], false, "nothing above rolled back");
+    assert!(vs
+        .admin_json("/admin/audit")
+        .await
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // The operator's own tools still work: JSON, or an empty POST, from localhost.
+    let ok = format!(
+        "POST /admin/rollback HTTP/1.1\r\nhost: localhost:{}\r\ncontent-type: application/json\r\n",
+        vs.admin.port()
+    );
+    assert_eq!(raw_admin(&vs, &ok, r#"{"reason":"cli"}"#).await, 200);
+    let empty = format!("DELETE /admin/split HTTP/1.1\r\n{host}");
+    assert_eq!(raw_admin(&vs, &empty, "").await, 200);
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_and_reasons_count_characters() {
+    let vs = Kit::new().await;
+    let put = |auth: &'static str, reason: String| {
+        vs.client
+            .put(vs.admin_url("/admin/split"))
+            .header("authorization", format!("{auth} {TOKEN}"))
+            .header("content-type", "application/json")
+            .body(serde_json::json!({"percent": 10, "reason": reason}).to_string())
+            .send()
+    };
+    assert_eq!(put("bearer", "x".into()).await.unwrap().status(), 200);
+    assert_eq!(put("BEARER", "x".into()).await.unwrap().status(), 200);
+    assert_eq!(put("Basic", "x".into()).await.unwrap().status(), 401);
+    // 600 characters of two bytes each are under the limit of 1,000 characters.
+    assert_eq!(put("Bearer", "é".repeat(600)).await.unwrap().status(), 200);
+    assert_eq!(put("Bearer", "é".repeat(1001)).await.unwrap().status(), 400);
+}
+
+#[tokio::test]
+async fn an_answer_with_both_lengths_is_framed_by_transfer_encoding_on_hyper_s_path() {
+    // Every answer says Content-Length: 3 but sends a 5-byte chunked body.
+    let upstream = RawServer::start(|mut sock| async move {
+        let mut buf = Vec::new();
+        while let Some(head) = read_request_head(&mut sock, &mut buf).await {
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            while buf.len() < len {
+                let mut chunk = [0u8; 1024];
+                match sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..len);
+            let answer = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+            if sock.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let vs = Kit::with("[split]\npercent = 0\n")
+        .legacy_url(upstream.url.clone())
+        .await;
+    for _ in 0..3 {
+        let r = vs
+            .client
+            .post(vs.url("/echo"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers().get("content-length"), None);
+        assert_eq!(r.text().await.unwrap(), "hello");
+    }
+    // The upstream connection that answered so is not trusted with another request.
+    assert!(upstream.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+}
+
+#[tokio::test]
+async fn after_a_fallback_each_backend_is_timed_for_its_own_attempt() {
+    let vs = Kit::with("[split]\npercent = 100\n")
+        .vastai(|req: http::Request<hyper::body::Incoming>| async move {
+            if is_probe(&req) {
+                return respond(200, "ok");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            respond(503, "busy")
+        })
+        .await;
+    for path in ["/lane", "/again"] {
+        let r = vs.get(path).await;
+        assert_eq!(served_by(&r), "legacy");
+    }
+    let legacy = vs
+        .metric("vastshift_request_duration_seconds_sum{backend=\"legacy\"}")
+        .await;
+    let vastai = vs
+        .metric("vastshift_request_duration_seconds_sum{backend=\"vastai\"}")
+        .await;
+    assert!(
+        vastai >= 0.6,
+        "vastai's two slow answers are vastai's: {vastai}"
+    );
+    assert!(
+        legacy < 0.2,
+        "legacy's latency is its own attempt only: {legacy}"
+    );
+}
+
+#[tokio::test]
+async fn a_state_write_that_fails_is_said_counted_and_retried() {
+    let vs = Kit::new().await;
+    // A folder where the state file goes: the store's rename over it fails.
+    let state = vs.config_path.with_file_name("vastshift-state.json");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("keep"), "x").unwrap();
+    let r = vs
+        .admin_send(Method::POST, "/admin/rollback", r#"{"reason":"disk"}"#)
+        .await;
+    assert_eq!(r.status(), 200, "the rollback applies in memory");
+    let doc: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(doc["rolled_back"], true);
+    assert_eq!(doc["persisted"], false);
+    let health = vs.open_json("/health").await;
+    assert_eq!(health["state"]["persisted"], false);
+    assert!(health["state"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("state file"));
+    assert!(vs.metric("vastshift_state_write_failures_total").await >= 1.0);
+    let status = vs.admin_json("/admin/status").await;
+    assert!(status["state_error"].is_string());
+    assert_eq!(served_by(&vs.get("/").await), "legacy");
+    // The store comes back: the supervisor writes the state in force again.
+    std::fs::remove_dir_all(&state).unwrap();
+    let persisted = eventually(5.0, || async {
+        vs.open_json("/health").await["state"]["persisted"] == true
+    })
+    .await;
+    assert!(persisted, "the write is retried");
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert!(
+        written["rollback"].is_object(),
+        "the rollback reached the file"
+    );
+}
