@@ -81,6 +81,7 @@ impl App {
             snapshot: control.snapshot_handle(),
             metrics: Arc::clone(&metrics),
             shadow: Arc::clone(&shadow),
+            replay: Default::default(),
         });
         let admin_token = opts
             .env

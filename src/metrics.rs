@@ -107,6 +107,8 @@ pub struct Metrics {
     in_flight: [IntGauge; 2],
     /// Writes of operator state that failed; the state is retried and still applies in memory.
     state_write_failures: IntCounter,
+    /// Requests whose client broke, abandoned or stalled its body, by kind.
+    client_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -191,6 +193,17 @@ impl Metrics {
             "Writes of overrides, the rollback latch, ramp progress and the audit tail that failed.",
         )?;
         registry.register(Box::new(state_write_failures.clone()))?;
+        let client_errors = IntCounterVec::new(
+            Opts::new(
+                "vastshift_client_errors_total",
+                "Requests whose client broke (framing), abandoned (aborted) or stalled (timeout) its body; never counted against an upstream.",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(client_errors.clone()))?;
+        for k in ["framing", "aborted", "timeout"] {
+            client_errors.with_label_values(&[k]);
+        }
         for c in [
             &requests,
             &upstream_errors,
@@ -249,6 +262,7 @@ impl Metrics {
             healthy,
             in_flight,
             state_write_failures,
+            client_errors,
         })
     }
 
@@ -332,6 +346,11 @@ impl Metrics {
         self.rollbacks.with_label_values(&[trigger.as_str()]).get()
     }
 
+    /// A client broke, abandoned or stalled its request body (`kind`: framing, aborted, timeout).
+    pub fn client_error(&self, kind: &str) {
+        self.client_errors.with_label_values(&[kind]).inc();
+    }
+
     /// Operator state could not be written.
     pub fn state_write_failed(&self) {
         self.state_write_failures.inc();
@@ -402,6 +421,7 @@ mod tests {
             "vastshift_upstream_healthy",
             "vastshift_in_flight_requests",
             "vastshift_state_write_failures_total 0",
+            "vastshift_client_errors_total{kind=\"framing\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

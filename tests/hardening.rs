@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use http_body_util::BodyExt;
 use reqwest::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -262,4 +263,215 @@ async fn a_state_write_that_fails_is_said_counted_and_retried() {
         written["rollback"].is_object(),
         "the rollback reached the file"
     );
+}
+
+/// Sends `head` and `body` on a fresh connection to the proxy, then either waits for the answer
+/// (`Some(status)`) or, with `abandon`, closes the connection at once (`None`).
+async fn raw_proxy(vs: &Vastshift, head: &str, body: &[u8], abandon: bool) -> Option<u16> {
+    let mut sock = tokio::net::TcpStream::connect(vs.addr).await.unwrap();
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(body).await.unwrap();
+    if abandon {
+        drop(sock);
+        return None;
+    }
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    String::from_utf8_lossy(&answer)
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+}
+
+#[tokio::test]
+async fn a_body_the_client_breaks_is_the_client_s_fault_not_vastai_s() {
+    let vs = Kit::with("[split]\npercent = 100\n[guard]\nmin_requests = 20\n").await;
+    let broken = "POST /up HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+    for _ in 0..40 {
+        assert_eq!(raw_proxy(&vs, broken, b"zz\r\n", false).await, Some(400));
+    }
+    // Uploads abandoned half-way, streamed and with a replay copy.
+    let big = "POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 5000000\r\n\r\n";
+    let small = "POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n";
+    for _ in 0..10 {
+        raw_proxy(&vs, big, &[b'a'; 100], true).await;
+        raw_proxy(&vs, small, &[b'a'; 100], true).await;
+    }
+    let aborted = eventually(5.0, || async {
+        vs.metric("vastshift_client_errors_total{kind=\"aborted\"}")
+            .await
+            >= 20.0
+    })
+    .await;
+    assert!(aborted, "abandoned uploads are counted as the client's");
+    assert_eq!(
+        vs.metric("vastshift_client_errors_total{kind=\"framing\"}")
+            .await,
+        40.0
+    );
+    assert_eq!(
+        vs.metric("vastshift_upstream_errors_total{backend=\"vastai\"}")
+            .await,
+        0.0,
+        "nothing is blamed on vastai"
+    );
+    assert_eq!(
+        vs.metric("vastshift_requests_total{backend=\"vastai\",code=\"error\"}")
+            .await,
+        0.0
+    );
+    // Past a supervisor tick: the guard saw no vastai failure, so no rollback.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let split = vs.admin_json("/admin/split").await;
+    assert_eq!(split["rolled_back"], false, "{split}");
+    // A well-formed request still goes to vastai.
+    let ok = "POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n";
+    assert_eq!(raw_proxy(&vs, ok, b"{}", false).await, Some(200));
+}
+
+#[tokio::test]
+async fn an_upload_that_stalls_gets_408_on_both_body_paths() {
+    let vs = Kit::with("[split]\npercent = 100\n")
+        .server_lines("client_body_timeout_ms = 300")
+        .await;
+    let started = std::time::Instant::now();
+    // Within the replay bound: the body is read whole before anything is sent.
+    let copied = "POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n";
+    assert_eq!(raw_proxy(&vs, copied, &[b'a'; 10], false).await, Some(408));
+    // Past it: the body streams to vastai as it comes.
+    let streamed = "POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 5000000\r\n\r\n";
+    assert_eq!(
+        raw_proxy(&vs, streamed, &[b'a'; 10], false).await,
+        Some(408)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded by the timeout"
+    );
+    assert_eq!(
+        vs.metric("vastshift_client_errors_total{kind=\"timeout\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        vs.metric("vastshift_upstream_errors_total{backend=\"vastai\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn an_idempotent_request_whose_vastai_connection_resets_is_replayed_on_legacy() {
+    // Vastai reads each request head and resets the connection without a byte of answer.
+    let resetting = RawServer::start(|mut sock| async move {
+        let mut buf = Vec::new();
+        if read_request_head(&mut sock, &mut buf).await.is_some() {
+            // Closing with a zero linger sends RST, not FIN.
+            #[allow(deprecated)]
+            let _ = sock.set_linger(Some(Duration::ZERO));
+        }
+    })
+    .await;
+    let vs = Kit::with("[split]\npercent = 100\n")
+        .vastai_url(resetting.url.clone())
+        .await;
+    for _ in 0..5 {
+        let r = vs.get("/item").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(served_by(&r), "legacy");
+    }
+    let put = vs
+        .client
+        .put(vs.url("/item"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served_by(&put), "legacy", "PUT is idempotent");
+    let post = vs
+        .client
+        .post(vs.url("/item"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 502, "a POST is never sent twice");
+    assert!(vs.metric("vastshift_fallbacks_total").await >= 6.0);
+}
+
+#[tokio::test]
+async fn request_lines_and_hosts_an_upstream_could_read_otherwise_are_refused() {
+    let vs = Kit::with("[split]\npercent = 0\n")
+        .legacy_lines("preserve_host = true")
+        .await;
+    let cases: &[(&str, u16)] = &[
+        ("GET /a HTTP/1.1\r\n\r\n", 400),
+        ("GET /a HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", 400),
+        ("GET /a HTTP/1.1\r\nhost: a/evil?x\r\n\r\n", 400),
+        (
+            "POST /a HTTP/1.1\r\nhost: a\r\nhost: b\r\ncontent-length: 2\r\n\r\n{}",
+            400,
+        ),
+        (
+            "CONNECT evil.example:443 HTTP/1.1\r\nhost: evil.example:443\r\n\r\n",
+            405,
+        ),
+        ("GET foo HTTP/1.1\r\nhost: a\r\n\r\n", 400),
+        ("GET evil.example:80 HTTP/1.1\r\nhost: a\r\n\r\n", 400),
+    ];
+    for (req, status) in cases {
+        assert_eq!(
+            raw_proxy(&vs, req, b"", false).await,
+            Some(*status),
+            "{req:?}"
+        );
+    }
+    assert_eq!(vs.legacy().count(), 0, "none of them reached the upstream");
+    // An absolute-form target's authority wins over Host, on either path.
+    let abs = "GET http://other.example/x?y=1 HTTP/1.1\r\nhost: shop\r\n\r\n";
+    assert_eq!(raw_proxy(&vs, abs, b"", false).await, Some(200));
+    let seen = vs.legacy().last().unwrap();
+    assert_eq!(seen.target, "/x?y=1");
+    assert_eq!(seen.headers["host"], "other.example");
+    assert_eq!(seen.headers["x-forwarded-host"], "other.example");
+    // HTTP/1.0 without Host is still served, with the upstream's own authority.
+    assert_eq!(
+        raw_proxy(&vs, "GET /old HTTP/1.0\r\n\r\n", b"", false).await,
+        Some(200)
+    );
+    assert!(vs.legacy().last().unwrap().headers.contains_key("host"));
+}
+
+#[tokio::test]
+async fn a_get_with_a_chunked_body_keeps_it_as_one_with_a_length_does() {
+    let vs = Kit::with("[split]\npercent = 0\n")
+        .legacy(|req: http::Request<hyper::body::Incoming>| async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            respond(200, body)
+        })
+        .await;
+    let chunked = "GET /q HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let length =
+        "GET /q HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello";
+    for req in [chunked, length] {
+        let mut sock = tokio::net::TcpStream::connect(vs.addr).await.unwrap();
+        sock.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), sock.read_to_string(&mut answer)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.ends_with("hello"),
+            "the body reached the upstream: {answer:?}"
+        );
+    }
 }

@@ -194,6 +194,9 @@ impl Config {
                 format!("{a} would share its port with server.listen ({l})"),
             ));
         }
+        if s.client_body_timeout_ms == 0 {
+            return Err(invalid("server.client_body_timeout_ms", "must be above 0"));
+        }
         if s.listen_backlog == 0 || s.listen_backlog > 65_535 {
             return Err(invalid("server.listen_backlog", "must be from 1 to 65535"));
         }

@@ -29,6 +29,12 @@ pub struct ServerConfig {
     pub max_request_header_bytes: usize,
     /// The listen queue of both listeners (the kernel caps it at `net.core.somaxconn`).
     pub listen_backlog: u32,
+    /// Longest wait between two reads of a request body before it is answered 408 (nginx's
+    /// `client_body_timeout`).
+    pub client_body_timeout_ms: u64,
+    /// The bytes all fallback replay copies may hold together; past it a body streams without
+    /// a copy and cannot be replayed.
+    pub max_replay_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +49,8 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 10_000,
             max_request_header_bytes: 65_536,
             listen_backlog: 4096,
+            client_body_timeout_ms: 60_000,
+            max_replay_bytes: 64 << 20,
         }
     }
 }

@@ -31,6 +31,10 @@ pub struct Snapshot {
     pub expose_backend_header: bool,
     /// The bound of the fallback replay copy and of Serverless payloads (`shadow.max_body_bytes`).
     pub replay_limit: usize,
+    /// What all replay copies may hold together (`server.max_replay_bytes`).
+    pub replay_budget: usize,
+    /// `server.client_body_timeout_ms`.
+    pub client_body_timeout: std::time::Duration,
 }
 
 /// The shared handle a snapshot is loaded from.
@@ -82,6 +86,10 @@ impl Parts {
             config: Arc::clone(config),
             expose_backend_header: config.server.expose_backend_header,
             replay_limit: config.shadow.max_body_bytes,
+            replay_budget: config.server.max_replay_bytes,
+            client_body_timeout: std::time::Duration::from_millis(
+                config.server.client_body_timeout_ms,
+            ),
         }
     }
 }

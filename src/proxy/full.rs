@@ -15,6 +15,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use super::client_body::{ClientBody, Fault, FaultSlot};
 use super::policy::{error_json, error_status, is_json_post, Attempt, Route};
 use super::{Client, InFlight, Proxy, Tracked};
 use crate::control::Snapshot;
@@ -24,7 +25,7 @@ use crate::upstream::headers::{
     add_forwarding, request_id, strip_hop_by_hop, upgrade_protocol, X_REQUEST_ID,
     X_VASTSHIFT_BACKEND, X_VASTSHIFT_SHADOW,
 };
-use crate::upstream::{full, Body, BoxError, HttpUpstream, UpstreamBody, UpstreamError};
+use crate::upstream::{full, Body, HttpUpstream, UpstreamBody, UpstreamError};
 use crate::vocab::{Backend, ErrorKind};
 
 /// A request ready to be sent upstream, kept apart so it can be rebuilt for a replay.
@@ -78,6 +79,55 @@ fn error_response(
     resp
 }
 
+/// RFC 9112 §3.2: what the request line and `Host` must be before anything is forwarded.
+/// `CONNECT` is not proxied (405); an authority-form target on another method, or anything but
+/// an origin-, absolute- or `*` target, is refused (400); an HTTP/1.1 request carries exactly
+/// one valid `Host`. For an absolute-form target the target's authority is the `Host`
+/// (RFC 9112 §3.2.2), and the target forwarded is its path and query.
+fn check_target_and_host(
+    parts: &mut http::request::Parts,
+) -> Result<(), (StatusCode, &'static str)> {
+    if parts.method == Method::CONNECT {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied"));
+    }
+    let uri = &parts.uri;
+    let absolute = match (uri.scheme(), uri.authority()) {
+        (Some(_), Some(a)) => Some(a.clone()),
+        (None, Some(_)) => return Err((StatusCode::BAD_REQUEST, "invalid request target")),
+        _ => None,
+    };
+    let asterisk = uri.path() == "*" && parts.method == Method::OPTIONS;
+    if absolute.is_none() && !asterisk && !uri.path().starts_with('/') {
+        return Err((StatusCode::BAD_REQUEST, "invalid request target"));
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err((StatusCode::BAD_REQUEST, "more than one Host"));
+    }
+    match host {
+        Some(h) if !crate::upstream::headers::valid_host(h.as_bytes()) => {
+            return Err((StatusCode::BAD_REQUEST, "invalid Host"))
+        }
+        None if parts.version == Version::HTTP_11 && absolute.is_none() => {
+            return Err((StatusCode::BAD_REQUEST, "missing Host"))
+        }
+        _ => {}
+    }
+    if let Some(authority) = absolute {
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(header::HOST, v);
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(pq);
+    }
+    Ok(())
+}
+
 /// A mirror waiting for the primary's answer: its task, the request it repeats, and the
 /// snapshot it was planned under.
 struct Pending {
@@ -97,6 +147,10 @@ impl Proxy {
         let snap = self.snapshot.load_full();
         let table = &snap.table;
         let (mut parts, body) = req.into_parts();
+        if let Err((status, message)) = check_target_and_host(&mut parts) {
+            let id = request_id(&parts.headers);
+            return error_response(status, message, None, &id);
+        }
 
         let decision =
             table.decide_request(&parts.method, parts.uri.path(), &parts.headers, client.ip);
@@ -146,33 +200,34 @@ impl Proxy {
             ),
         };
         let limit = snap.replay_limit;
-        let (body, replay) = if needs_copy {
-            match body.size_hint().exact() {
-                Some(n) if n as usize <= limit => {
-                    match Box::pin(Limited::new(body, limit).collect()).await {
-                        Ok(c) => {
-                            let bytes = c.to_bytes();
-                            (full(bytes.clone()), Some(bytes))
-                        }
-                        Err(_) => {
-                            return error_response(
-                                StatusCode::BAD_REQUEST,
-                                "request body could not be read",
-                                None,
-                                &id,
-                            );
-                        }
-                    }
+        // The client's faults with its body are its own: named here, answered 400/408 below,
+        // never counted against an upstream.
+        let fault = FaultSlot::default();
+        let body = ClientBody::new(body, snap.client_body_timeout, fault.clone());
+        let known = body.size_hint().exact().filter(|n| *n as usize <= limit);
+        // A copy only while all copies together stay within `server.max_replay_bytes`.
+        let share = match known {
+            Some(n) if needs_copy => self.replay.take(n as usize, snap.replay_budget),
+            _ => None,
+        };
+        let (body, replay) = match &share {
+            Some(_) => match Box::pin(Limited::new(body, limit).collect()).await {
+                Ok(c) => {
+                    let bytes = c.to_bytes();
+                    (full(bytes.clone()), Some(bytes))
                 }
-                _ if serverless => {
-                    // Too large (or unknown length) to wrap: legacy serves it.
+                Err(_) => {
+                    let f = fault.get().unwrap_or(Fault::Framing);
+                    return self.client_failed(f, &id);
+                }
+            },
+            None => {
+                if needs_copy && serverless {
+                    // Too large, of unknown length or past the budget to wrap: legacy serves it.
                     backend = Backend::Legacy;
-                    (body.map_err(BoxError::from).boxed_unsync(), None)
                 }
-                _ => (body.map_err(BoxError::from).boxed_unsync(), None),
+                (body.boxed_unsync(), None)
             }
-        } else {
-            (body.map_err(BoxError::from).boxed_unsync(), None)
         };
         let (body, shadow_tee) = self
             .shadow
@@ -181,10 +236,25 @@ impl Proxy {
         let out = (replay.is_some() || shadow_tee.is_some()).then(|| Outgoing::of(&parts));
         let method = parts.method.clone();
         parts.version = Version::HTTP_11;
+        if body.size_hint().exact().is_none() && !body.is_end_stream() {
+            // A body of unknown length goes on chunked, whatever the method: hyper's client
+            // would send a GET's or HEAD's without one (and so drop it).
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         let req = Request::from_parts(parts, body);
 
         let guard = InFlight::new(self.metrics.in_flight(backend));
         let first = self.send(&snap, backend, req, replay.as_ref()).await;
+        if let (Err(_), Some(f)) = (&first, fault.get()) {
+            // The upstream call failed because the client's body did: nothing to blame on the
+            // upstream, nothing to replay.
+            drop(guard);
+            self.keep_mirror(shadow_tee, false, backend, backend);
+            return self.client_failed(f, &id);
+        }
         let attempt = match &first {
             Ok(resp) => Attempt::Answered(resp.status()),
             Err(e) => Attempt::Failed(e),
@@ -219,6 +289,14 @@ impl Proxy {
                 error_response(error_status(&e), &e.message, Some(served_by), &id)
             }
         }
+    }
+
+    /// A request whose client broke, abandoned or stalled its body: counted as the client's
+    /// (`vastshift_client_errors_total`), answered 400 or 408, and nothing recorded for a backend.
+    fn client_failed(&self, f: Fault, id: &HeaderValue) -> Response<Body> {
+        self.metrics.client_error(f.as_str());
+        tracing::debug!(kind = f.as_str(), "client request body failed");
+        error_response(f.status(), f.message(), None, id)
     }
 
     async fn replay_on_legacy(

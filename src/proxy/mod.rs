@@ -8,6 +8,7 @@
 //! become 502/503/504 with a JSON body naming the backend; nothing on this path panics or waits
 //! without a deadline. No config parsing, no writes to routing state.
 
+pub mod client_body;
 pub mod full;
 pub mod lane;
 pub mod policy;
@@ -34,6 +35,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// The parallel run's record (mismatches, learned noise); its settings are in the snapshot.
     pub shadow: Arc<Shadow>,
+    /// What fallback replay copies hold now, against `server.max_replay_bytes`.
+    pub replay: client_body::ReplayBudget,
 }
 
 /// Who is on the other end of a client connection; built once per connection, not per request.

@@ -99,7 +99,9 @@ impl Proxy {
 
     /// The fallback rule (SPEC §4): with `split.fallback` on, a request vastai could not be
     /// connected to, that Vast.ai could not take, or that an idempotent request got 502-504 for,
-    /// is replayed once on legacy — if it can be (`replayable`: its body is held). When the rule
+    /// is replayed once on legacy — if it can be (`replayable`: its body is held). So is an
+    /// idempotent request (RFC 9110: not POST or PATCH) whose vastai connection was reset or
+    /// closed before any answer byte, as nginx's `proxy_next_upstream error` does. When the rule
     /// applies, vastai's attempt is recorded and the fallback counted; the caller replays.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn falls_back(
@@ -126,7 +128,11 @@ impl Proxy {
                     true,
                 );
             }
-            Attempt::Failed(e) if e.kind == ErrorKind::Connect || e.unavailable => {
+            Attempt::Failed(e)
+                if e.kind == ErrorKind::Connect
+                    || e.unavailable
+                    || (e.kind == ErrorKind::Reset && method.is_idempotent()) =>
+            {
                 self.record_error(snap, Backend::Vastai, route, e, start);
             }
             _ => return false,

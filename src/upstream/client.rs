@@ -110,8 +110,9 @@ impl HttpUpstream {
         let base = self.target()?;
         let pq = req.uri().path_and_query().cloned();
         *req.uri_mut() = origin_target(&base, pq)?;
-        if !self.settings.preserve_host {
-            // Set here, from the value built with the base URL, rather than per request.
+        // Set here, from the value built with the base URL, rather than per request; with
+        // `preserve_host`, the client's (an HTTP/1.0 request may have none).
+        if !self.settings.preserve_host || !req.headers().contains_key(header::HOST) {
             req.headers_mut().insert(header::HOST, base.host.clone());
         }
         if let Some(auth) = &self.auth {

@@ -196,6 +196,59 @@ pub fn add_forwarding(
     );
 }
 
+/// Whether a `Host` value is an authority an upstream reads as one (RFC 9112 §3.2): a name, an
+/// IPv4 address or a bracketed IPv6 literal, and an optional numeric port; no userinfo, path,
+/// query or white space.
+pub fn valid_host(v: &[u8]) -> bool {
+    let (name, port) = match v.strip_prefix(b"[") {
+        Some(rest) => match rest.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let literal = &rest[..end];
+                if literal.is_empty()
+                    || !literal
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+                {
+                    return false;
+                }
+                (&b"x"[..], &rest[end + 1..])
+            }
+            None => return false,
+        },
+        None => match v.iter().rposition(|&b| b == b':') {
+            Some(at) => (&v[..at], &v[at..]),
+            None => (v, &b""[..]),
+        },
+    };
+    let port_ok = match port.strip_prefix(b":") {
+        Some(digits) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        None => port.is_empty(),
+    };
+    port_ok
+        && !name.is_empty()
+        && name.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        })
+}
+
 /// Whether a client's `x-request-id` is used as it is (not empty, at most 200 bytes).
 pub fn usable_request_id(v: &[u8]) -> bool {
     !v.is_empty() && v.len() <= 200
@@ -267,6 +320,32 @@ mod tests {
         assert!(!is_hop_by_hop_name(b"host"));
         assert!(!is_hop_by_hop_name(b"x-upgrade"));
         assert!(!is_hop_by_hop_name(b"content-length"));
+    }
+
+    #[test]
+    fn host_values() {
+        for ok in [
+            "shop",
+            "shop:8080",
+            "127.0.0.1",
+            "[::1]:9901",
+            "a-b.example:1",
+            "[fe80::1]",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "a/evil?x",
+            "user@shop",
+            "shop:80a",
+            "a b",
+            "[::1",
+            "[zz]",
+            "shop:123456",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]

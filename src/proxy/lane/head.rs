@@ -117,6 +117,10 @@ pub(super) fn parse(buf: &[u8], fields: &mut Vec<Field>) -> Parse {
         let is = |lower: &[u8]| name.eq_ignore_ascii_case(lower);
         let role = match name.len() {
             4 if is(b"host") => {
+                if !headers::valid_host(h.value) {
+                    // hyper's path answers 400.
+                    return Parse::Handoff;
+                }
                 hosts += 1;
                 host = Some(span(h.value));
                 Role::Host
@@ -158,7 +162,8 @@ pub(super) fn parse(buf: &[u8], fields: &mut Vec<Field>) -> Parse {
             role,
         });
     }
-    if hosts > 1 {
+    // None or several: hyper's path refuses it (RFC 9112 §3.2).
+    if hosts != 1 {
         return Parse::Handoff;
     }
     Parse::Take(Head {
@@ -239,7 +244,9 @@ mod tests {
             parse(b"GET / HTTP/1.1\r\nHost: a", &mut Vec::new()),
             Parse::Partial
         ));
-        let (h, _) = take(b"DELETE /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        let (h, _) = take(b"DELETE /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n");
+        assert!(handed_off(b"GET / HTTP/1.1\r\n\r\n"), "no Host");
+        assert!(handed_off(b"GET / HTTP/1.1\r\nHost: a/evil?x\r\n\r\n"));
         assert_eq!(h.method, Method::DELETE);
     }
 }
