@@ -52,6 +52,10 @@ SPEC_METRICS = {
     }),
     "vastshift_upstream_healthy": ("gauge", {"backend": {"legacy", "vastai"}}),
     "vastshift_in_flight_requests": ("gauge", {"backend": {"legacy", "vastai"}}),
+    # Added since, documented in the README: operator state that could not be written, and
+    # clients that broke, abandoned or stalled their request bodies.
+    "vastshift_state_write_failures_total": ("counter", {}),
+    "vastshift_client_errors_total": ("counter", {"kind": {"framing", "aborted", "timeout"}}),
 }
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = {"instance", "job"}
