@@ -155,6 +155,33 @@ impl Reloader {
 /// Events closer together than this are one reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// Two reads of the file this far apart must agree before it is applied.
+const STEADY: Duration = Duration::from_millis(100);
+/// How long a file may keep changing before it is read as it then is.
+const STEADY_AT_MOST: Duration = Duration::from_secs(5);
+
+/// Waits until the file has had no event for [`DEBOUNCE`]: an editor or a tool writing it in
+/// several steps is one reload, after its last step.
+async fn settle(rx: &mut mpsc::Receiver<()>) {
+    while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+}
+
+/// Waits until two reads of the file [`STEADY`] apart are the same, so a file written slowly in
+/// place is not applied half-written (at most [`STEADY_AT_MOST`]). Replacing the file by an
+/// atomic rename, as editors and Kubernetes do, never shows a half.
+async fn steady(path: &std::path::Path) {
+    let started = tokio::time::Instant::now();
+    let mut last = std::fs::read(path).ok();
+    while started.elapsed() < STEADY_AT_MOST {
+        tokio::time::sleep(STEADY).await;
+        let now = std::fs::read(path).ok();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// Watches until `stop` changes.
 pub async fn watch(app: Arc<Reloader>, mut stop: watch::Receiver<bool>) {
     let Some(path) = app.path.clone() else {
@@ -172,12 +199,13 @@ pub async fn watch(app: Arc<Reloader>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
-                tokio::time::sleep(DEBOUNCE).await;
-                while rx.try_recv().is_ok() {}
+                settle(&mut rx).await;
+                steady(&path).await;
                 let _ = app.reload();
             }
             Some(()) = recv_hup(&mut hup) => {
                 tracing::info!("SIGHUP: reloading configuration");
+                steady(&path).await;
                 let _ = app.reload();
             }
             _ = stop.changed() => return,

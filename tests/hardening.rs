@@ -475,3 +475,51 @@ async fn a_get_with_a_chunked_body_keeps_it_as_one_with_a_length_does() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_config_written_slowly_in_place_is_not_applied_half_written() {
+    let vs = Kit::new().await;
+    assert_eq!(served_by(&vs.get("/").await), "legacy");
+    // The whole file sends everything to legacy through a catch-all route; its first half,
+    // valid on its own, would send the global split to vastai.
+    let whole = vs.render(
+        "[split]\npercent = 100\n\n[[route]]\nname = \"all\"\npath_prefix = \"/\"\npercent = 0\n",
+    );
+    let cut = whole.find("[[route]]").unwrap();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&vs.config_path)
+            .unwrap();
+        f.write_all(&whole.as_bytes()[..cut]).unwrap();
+        f.flush().unwrap();
+        // A pause shorter than the settle time (200 ms without events, then two reads 100 ms
+        // apart that agree).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..3 {
+            assert_eq!(
+                served_by(&vs.get("/").await),
+                "legacy",
+                "the half is not applied"
+            );
+        }
+        f.write_all(&whole.as_bytes()[cut..]).unwrap();
+    }
+    let applied = eventually(5.0, || async {
+        vs.admin_json("/admin/split").await["routes"]
+            .as_array()
+            .is_some_and(|r| r.len() == 1)
+    })
+    .await;
+    assert!(applied, "the whole file is applied");
+    for _ in 0..10 {
+        assert_eq!(served_by(&vs.get("/").await), "legacy");
+    }
+    assert_eq!(
+        vs.metric("vastshift_config_reloads_total{result=\"ok\"}")
+            .await,
+        1.0
+    );
+}
