@@ -496,3 +496,32 @@ async fn a_vanishing_worker_is_retried_once_then_legacy_serves() {
     );
     vs.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_s_malformed_json_goes_to_legacy_and_is_not_vastai_s_error() {
+    let (fake, vs) = Fake::serve(RouterMode::ColdFor(0), WorkerMode::Echo).await;
+    let r = vs
+        .client
+        .post(vs.url("/v1/generate"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served_by(&r), "legacy");
+    assert!(
+        fake.calls.lock().unwrap().is_empty(),
+        "vastai was never asked"
+    );
+    assert_eq!(
+        vs.metric("vastshift_upstream_errors_total{backend=\"vastai\"}")
+            .await,
+        0.0
+    );
+    assert_eq!(
+        vs.metric("vastshift_requests_total{backend=\"vastai\"}")
+            .await,
+        0.0
+    );
+    vs.stop().await;
+}

@@ -229,6 +229,16 @@ impl Proxy {
                 (body.boxed_unsync(), None)
             }
         };
+        if serverless && backend == Backend::Vastai {
+            let json = replay
+                .as_ref()
+                .is_some_and(|b| serde_json::from_slice::<serde::de::IgnoredAny>(b).is_ok());
+            if !json {
+                // The worker's envelope needs a JSON payload: a client's malformed JSON is
+                // legacy's to answer, as before the migration, and not vastai's failure.
+                backend = Backend::Legacy;
+            }
+        }
         let (body, shadow_tee) = self
             .shadow
             .tee(&snap.shadow, shadow_plan, body, replay.as_ref());
