@@ -523,3 +523,67 @@ async fn a_config_written_slowly_in_place_is_not_applied_half_written() {
         1.0
     );
 }
+
+/// A store whose every write takes `delay`, as a slow or saturated disk's fsync does.
+struct SlowStore {
+    delay: Duration,
+    inner: vastshift::control::store::MemoryStore,
+}
+
+impl vastshift::control::store::StateStore for SlowStore {
+    fn load(&self) -> vastshift::control::store::Loaded {
+        self.inner.load()
+    }
+
+    fn save(
+        &self,
+        state: &vastshift::control::store::PersistedState,
+    ) -> Result<(), vastshift::control::store::StoreError> {
+        std::thread::sleep(self.delay);
+        self.inner.save(state)
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_state_write_holds_up_no_request() {
+    // One runtime thread, as `serve --worker-threads 1`: a write on it would stall everything.
+    let store = std::sync::Arc::new(SlowStore {
+        delay: Duration::from_millis(800),
+        inner: Default::default(),
+    });
+    let vs = Kit::new().store(store).await;
+    let admin = vs.admin(Method::PUT, "/admin/split");
+    let put = tokio::spawn(
+        admin
+            .header("content-type", "application/json")
+            .body(r#"{"percent": 0, "reason": "slow disk"}"#)
+            .send(),
+    );
+    // GETs from a thread of their own, so their latency is measured whatever the runtime does.
+    let addr = vs.addr;
+    let gets = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        std::thread::sleep(Duration::from_millis(100));
+        let mut slowest = Duration::ZERO;
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            let mut sock = std::net::TcpStream::connect(addr).unwrap();
+            sock.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            sock.read_to_string(&mut answer).unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            slowest = slowest.max(started.elapsed());
+        }
+        slowest
+    });
+    let slowest = tokio::task::spawn_blocking(move || gets.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        slowest < Duration::from_millis(300),
+        "requests were served while the state was written: slowest {slowest:?}"
+    );
+    let put = put.await.unwrap().unwrap();
+    assert_eq!(put.status(), 200);
+}

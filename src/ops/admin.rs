@@ -24,7 +24,7 @@ use subtle::ConstantTimeEq;
 
 use crate::app::App;
 use crate::config::Percent;
-use crate::control::{ControlError, RampAction};
+use crate::control::{Control, ControlError, RampAction};
 use crate::metrics::RollbackTrigger;
 use crate::routing::{bucket_for, random_bucket, Reason};
 use crate::upstream::VastaiUpstream;
@@ -212,13 +212,31 @@ fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
     }
 }
 
+/// Runs a change of control's state off the runtime's threads: it ends in a file write and an
+/// `fsync`, which must not stall the requests those threads serve.
+async fn blocking<T: Send + 'static>(
+    app: &Arc<App>,
+    change: impl FnOnce(&Control) -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let app = Arc::clone(app);
+    tokio::task::spawn_blocking(move || change(&app.control))
+        .await
+        .map_err(|_| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the change failed".into(),
+            )
+        })
+}
+
 async fn put_split(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
     let b: SplitBody = parse_body(&body)?;
     let percent = parse_percent(b.percent)?;
     check_reason(&b.reason)?;
-    let doc = app
-        .control
-        .set_percent(b.route.as_deref(), percent, b.reason)?;
+    let doc = blocking(&app, move |c| {
+        c.set_percent(b.route.as_deref(), percent, b.reason)
+    })
+    .await??;
     Ok(Json(doc).into_response())
 }
 
@@ -232,9 +250,10 @@ async fn delete_split(
     {
         return Err(bad_request(format!("unknown query parameter {k:?}")));
     }
-    let doc = app
-        .control
-        .clear_override(q.get("route").map(String::as_str), q.get("reason").cloned())?;
+    let doc = blocking(&app, move |c| {
+        c.clear_override(q.get("route").map(String::as_str), q.get("reason").cloned())
+    })
+    .await??;
     Ok(Json(doc).into_response())
 }
 
@@ -247,7 +266,8 @@ struct RollbackBody {
 async fn rollback(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
     let b: RollbackBody = parse_body(&body)?;
     check_reason(&b.reason)?;
-    Ok(Json(app.control.rollback(RollbackTrigger::Admin, b.reason)).into_response())
+    let doc = blocking(&app, move |c| c.rollback(RollbackTrigger::Admin, b.reason)).await?;
+    Ok(Json(doc).into_response())
 }
 
 #[derive(Deserialize)]
@@ -258,11 +278,11 @@ struct RampBody {
 
 async fn ramp(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
     let b: RampBody = parse_body(&body)?;
-    let progress = match b.action.as_deref() {
-        Some("start") => Some(app.control.ramp_start()?),
-        Some("pause") => app.control.ramp_action(RampAction::Pause)?,
-        Some("resume") => app.control.ramp_action(RampAction::Resume)?,
-        Some("abort") => app.control.ramp_action(RampAction::Abort)?,
+    let action = match b.action.as_deref() {
+        Some("start") => None,
+        Some("pause") => Some(RampAction::Pause),
+        Some("resume") => Some(RampAction::Resume),
+        Some("abort") => Some(RampAction::Abort),
         Some(other) => {
             return Err(bad_request(format!(
                 "action must be start, pause, resume or abort, got {other:?}"
@@ -270,6 +290,11 @@ async fn ramp(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiE
         }
         None => return Err(bad_request("action is required")),
     };
+    let progress = blocking(&app, move |c| match action {
+        None => c.ramp_start().map(Some),
+        Some(a) => c.ramp_action(a),
+    })
+    .await??;
     let config = app.control.config();
     let doc = crate::control::ramp::RampDocument::new(
         progress.as_ref(),

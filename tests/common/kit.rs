@@ -367,6 +367,12 @@ impl Kit {
         self
     }
 
+    /// Persists operator state through `store` instead of the state file.
+    pub fn store(mut self, store: Arc<dyn vastshift::control::store::StateStore>) -> Kit {
+        self.opts.store = Some(store);
+        self
+    }
+
     /// Writes the config (and so keeps the state file) in this folder.
     pub fn dir(mut self, dir: &Path) -> Kit {
         self.opts.dir = Some(dir.to_path_buf());

@@ -182,6 +182,8 @@ pub struct StartOptions {
     pub no_token: bool,
     /// The admin listener's address (default 127.0.0.1:0).
     pub admin_bind: Option<String>,
+    /// A state store in place of the state file.
+    pub store: Option<Arc<dyn vastshift::control::store::StateStore>>,
 }
 
 impl Vastshift {
@@ -216,7 +218,7 @@ impl Vastshift {
                 config_path: Some(config_path.clone()),
                 env: Arc::new(env),
                 force_legacy: opts.force_legacy,
-                store: None,
+                store: opts.store.clone(),
             },
         )
         .unwrap();
