@@ -22,31 +22,14 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+pub use super::error::ApiError;
 use crate::app::App;
 use crate::config::Percent;
-use crate::control::{Control, ControlError, RampAction};
+use crate::control::{Control, RampAction};
 use crate::metrics::RollbackTrigger;
 use crate::routing::{bucket_for, random_bucket, Reason};
 use crate::upstream::VastaiUpstream;
 use crate::vocab::Backend;
-
-/// An error answer: status and a message for `{"error": ...}`.
-pub struct ApiError(pub StatusCode, pub String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<ControlError> for ApiError {
-    fn from(e: ControlError) -> ApiError {
-        match e {
-            ControlError::UnknownRoute(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
-            ControlError::Conflict(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
-        }
-    }
-}
 
 fn bad_request(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())

@@ -22,7 +22,7 @@ use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::admin::ApiError;
+use super::error::ApiError;
 
 /// What the check needs: the listener's address, and whether a token protects it.
 #[derive(Clone, Copy)]
