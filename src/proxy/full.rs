@@ -128,12 +128,10 @@ fn check_target_and_host(
     Ok(())
 }
 
-/// A mirror waiting for the primary's answer: its task, the request it repeats, and the
-/// snapshot it was planned under.
+/// A mirror waiting for the primary's answer: its task and the request it repeats.
 struct Pending {
     task: ShadowTask,
     out: Outgoing,
-    snap: Arc<Snapshot>,
 }
 
 impl Proxy {
@@ -285,11 +283,7 @@ impl Proxy {
         let shadow_tee = self.keep_mirror(shadow_tee, result.is_ok(), backend, served_by);
         match result {
             Ok(resp) => {
-                let mirror = shadow_tee.zip(out).map(|(task, out)| Pending {
-                    task,
-                    out,
-                    snap: Arc::clone(&snap),
-                });
+                let mirror = shadow_tee.zip(out).map(|(task, out)| Pending { task, out });
                 self.finish(
                     resp, &snap, served_by, label, &id, start, on_upgrade, mirror,
                 )
@@ -411,7 +405,7 @@ impl Proxy {
         .boxed_unsync();
         let body = match mirror {
             None => body,
-            Some(Pending { task, out, snap }) => {
+            Some(Pending { task, out }) => {
                 let origin = Origin {
                     method: out.method,
                     target: out.uri.path().to_string(),
@@ -426,7 +420,7 @@ impl Proxy {
                 self.shadow
                     .start(
                         task,
-                        Proxy::mirror_context(&snap),
+                        Proxy::mirror_context(snap),
                         origin,
                         outgoing,
                         answer,

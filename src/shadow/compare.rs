@@ -97,13 +97,6 @@ impl Ignore {
         }
     }
 
-    pub fn add(&mut self, pointer: &str) {
-        let s = segments(pointer);
-        if !self.patterns.contains(&s) {
-            self.patterns.push(s);
-        }
-    }
-
     /// How many patterns it holds.
     pub fn len(&self) -> usize {
         self.patterns.len()
