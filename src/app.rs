@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::cluster::{Cluster, ClusterError};
+use crate::config::{Config, StoreKind};
 use crate::control::store::{FileStore, StateStore};
 use crate::control::{Control, Startup};
 use crate::metrics::Metrics;
@@ -26,6 +27,8 @@ pub enum AppError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Upstreams(#[from] BuildError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// Everything a running vastshift is made of.
@@ -41,6 +44,8 @@ pub struct App {
     pub env: Env,
     /// Re-reads the file and hands it to control; its watcher holds it too.
     pub reloader: Arc<Reloader>,
+    /// With `[store] kind = "etcd"`: this replica's part in the shared migration.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// Options the binary (or a test) passes to [`App::build`].
@@ -66,6 +71,8 @@ impl App {
             .clone()
             .unwrap_or_else(|| Arc::new(FileStore::new(config.state_path())));
         let health = Arc::new(Health::new(Arc::clone(&metrics)));
+        let shared = config.store.kind == StoreKind::Etcd;
+        let replica = shared.then(|| crate::cluster::replica_id(&config.store, &opts.env));
         let control = Arc::new(Control::new(
             Arc::clone(&config),
             upstreams,
@@ -74,8 +81,19 @@ impl App {
             Arc::clone(&metrics),
             Startup {
                 force_legacy: opts.force_legacy,
+                replica,
             },
         ));
+        let cluster = if shared {
+            Some(Arc::new(Cluster::new(
+                &config,
+                Arc::clone(&control),
+                Arc::clone(&metrics),
+                &opts.env,
+            )?))
+        } else {
+            None
+        };
         let shadow = Arc::new(Shadow::new(Arc::clone(&metrics)));
         let proxy = Arc::new(Proxy {
             snapshot: control.snapshot_handle(),
@@ -104,6 +122,7 @@ impl App {
             admin_token,
             env: opts.env,
             reloader,
+            cluster,
         }))
     }
 
@@ -113,6 +132,29 @@ impl App {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// `GET /admin/cluster`: the shared store's view, or this replica alone with the file store.
+    pub fn cluster_document(&self) -> crate::cluster::ClusterDocument {
+        if let Some(c) = &self.cluster {
+            return c.document();
+        }
+        let snapshot = self.control.snapshot();
+        let config = &snapshot.config;
+        let now = tokio::time::Instant::now();
+        let report = crate::safety::guard::current(&config.guard, &snapshot.windows, now);
+        let requests = snapshot
+            .windows
+            .stats(crate::vocab::Backend::Vastai, now)
+            .requests;
+        let id = crate::cluster::replica_id(&config.store, &self.env);
+        crate::cluster::view::single(
+            &id,
+            &config.server.admin_listen.to_string(),
+            config,
+            crate::cluster::verdict_str(report.verdict),
+            requests,
+        )
     }
 
     /// Re-reads the config file now (as a change or SIGHUP would); see [`Reloader::reload`].

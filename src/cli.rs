@@ -1,4 +1,4 @@
-//! The admin client commands: `vastshift status`, `set`, `rollback` and `healthcheck`.
+//! The admin client commands: `vastshift status`, `cluster`, `set`, `rollback` and `healthcheck`.
 //!
 //! They talk to a running vastshift's ops listener over HTTP and exit 0 (ok), 1 (a check
 //! failed) or 2 (usage, connection or authorisation error), per SPEC §1. The token is sent as a
@@ -185,7 +185,94 @@ pub fn render_status(r: &Value) -> String {
         "ramp: {}\n",
         r["ramp"]["state"].as_str().unwrap_or("idle")
     ));
+    if r["cluster"].is_object() {
+        out.push_str(&render_cluster(&r["cluster"]));
+    }
     out
+}
+
+/// The store's line, then one line per replica, flagging lag and config drift.
+pub fn render_cluster(c: &Value) -> String {
+    let store = &c["store"];
+    let mut out = format!(
+        "store: {} {} (revision {}, applied {}){}\n",
+        store["kind"].as_str().unwrap_or("?"),
+        if store["connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        },
+        store["revision"].as_i64().unwrap_or(0),
+        store["applied_revision"].as_i64().unwrap_or(0),
+        store["error"]
+            .as_str()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    );
+    let leader = c["leader"].as_str();
+    let me = c["replica"].as_str();
+    for r in c["replicas"].as_array().into_iter().flatten() {
+        let id = r["id"].as_str().unwrap_or("?");
+        let mut flags = Vec::new();
+        if Some(id) == leader {
+            flags.push("leader");
+        }
+        if Some(id) == me {
+            flags.push("this replica");
+        }
+        if r["lagging"].as_bool() == Some(true) {
+            flags.push("LAGGING");
+        }
+        if r["config_drift"].as_bool() == Some(true) {
+            flags.push("CONFIG DRIFT");
+        }
+        out.push_str(&format!(
+            "replica {id} at {}: revision {}, verdict {}, {} vastai requests, version {}, config {}{}\n",
+            r["address"].as_str().unwrap_or("?"),
+            r["revision"].as_i64().unwrap_or(0),
+            r["verdict"].as_str().unwrap_or("?"),
+            r["requests"].as_u64().unwrap_or(0),
+            r["version"].as_str().unwrap_or("?"),
+            r["config_hash"].as_str().unwrap_or("?"),
+            if flags.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", flags.join(", "))
+            }
+        ));
+    }
+    out
+}
+
+/// `vastshift cluster`: the store and every replica; exit 0 when the store is connected and no
+/// replica lags or drifts, 1 otherwise.
+pub async fn cluster(client: &AdminClient, as_json: bool) -> i32 {
+    match client
+        .call(reqwest::Method::GET, "/admin/cluster", None)
+        .await
+    {
+        Ok(doc) => {
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            } else {
+                print!("{}", render_cluster(&doc));
+            }
+            let healthy = doc["store"]["connected"].as_bool() == Some(true)
+                && doc["replicas"].as_array().into_iter().flatten().all(|r| {
+                    r["lagging"].as_bool() != Some(true)
+                        && r["config_drift"].as_bool() != Some(true)
+                });
+            if healthy {
+                EXIT_OK
+            } else {
+                EXIT_CHECK_FAILED
+            }
+        }
+        Err(e) => {
+            eprintln!("vastshift cluster: {e}");
+            EXIT_ERROR
+        }
+    }
 }
 
 /// `vastshift set PERCENT [--route NAME] [--reason TEXT]`.
@@ -223,6 +310,9 @@ pub async fn rollback(client: &AdminClient, reason: Option<String>) -> i32 {
     {
         Ok(doc) => {
             println!("rolled back: every percentage is 0 until the next `vastshift set` or DELETE /admin/split");
+            if doc["propagated"].as_bool() == Some(false) {
+                println!("WARNING: the state store did not answer: this replica rolled back, the others follow once the store takes it");
+            }
             print_split(&doc);
             EXIT_OK
         }

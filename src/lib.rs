@@ -20,6 +20,8 @@
 //! - [`control`]: the one writer of everything a request reads: it folds the file layer,
 //!   overrides and the latch into one [`control::Snapshot`]; the store behind one trait; the
 //!   ramp; the supervisor that owns the once-a-second tick.
+//! - [`cluster`]: many replicas on one migration: the state shared through etcd, watched,
+//!   written by compare-and-swap; heartbeats and the leader that advances the ramp.
 //! - [`vastai`]: the instance resolver, a control loop that keeps vastai's address current.
 //! - [`proxy`]: the request path: the shared request policy, hyper's path and the fast
 //!   [`proxy::lane`].
@@ -32,6 +34,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod demo;

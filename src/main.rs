@@ -62,6 +62,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the shared store and every replica; exit 0 if connected with no lag or drift, 1 if not.
+    Cluster {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the JSON document instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Set the runtime override of the global split or of one route.
     Set {
         /// Percentage of traffic to send to vastai (0-100, two decimals at most).
@@ -260,6 +268,7 @@ async fn client_command(command: Command) -> i32 {
             }
         }
         Command::Status { admin, json } => client(&admin).map(|c| (c, Action::Status(json))),
+        Command::Cluster { admin, json } => client(&admin).map(|c| (c, Action::Cluster(json))),
         Command::Set {
             percent,
             route,
@@ -279,6 +288,7 @@ async fn client_command(command: Command) -> i32 {
             EXIT_ERROR
         }
         Ok((c, Action::Status(json))) => cli::status(&c, json).await,
+        Ok((c, Action::Cluster(json))) => cli::cluster(&c, json).await,
         Ok((c, Action::Set(p, route, reason))) => cli::set(&c, p, route, reason).await,
         Ok((c, Action::Rollback(reason))) => cli::rollback(&c, reason).await,
     }
@@ -286,6 +296,7 @@ async fn client_command(command: Command) -> i32 {
 
 enum Action {
     Status(bool),
+    Cluster(bool),
     Set(f64, Option<String>, Option<String>),
     Rollback(Option<String>),
 }

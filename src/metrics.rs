@@ -109,6 +109,127 @@ pub struct Metrics {
     state_write_failures: IntCounter,
     /// Requests whose client broke, abandoned or stalled its body, by kind.
     client_errors: IntCounterVec,
+    /// The shared store and the cluster (SPEC §9); with the file store: connected, one replica,
+    /// its own leader.
+    store: StoreGauges,
+}
+
+/// The gauges and counters of SPEC §9.
+struct StoreGauges {
+    connected: IntGauge,
+    revision: IntGauge,
+    operations: IntCounterVec,
+    replicas: IntGauge,
+    leader: IntGauge,
+    config_drift: IntGauge,
+}
+
+/// A store operation, as `vastshift_store_operations_total{op}` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOp {
+    Read,
+    Write,
+    Watch,
+    Heartbeat,
+    Campaign,
+}
+
+impl StoreOp {
+    pub const ALL: [StoreOp; 5] = [
+        StoreOp::Read,
+        StoreOp::Write,
+        StoreOp::Watch,
+        StoreOp::Heartbeat,
+        StoreOp::Campaign,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreOp::Read => "read",
+            StoreOp::Write => "write",
+            StoreOp::Watch => "watch",
+            StoreOp::Heartbeat => "heartbeat",
+            StoreOp::Campaign => "campaign",
+        }
+    }
+}
+
+/// How a store operation ended (`result`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreResult {
+    Ok,
+    /// A compare-and-swap that lost to another writer.
+    Conflict,
+    Error,
+    Timeout,
+}
+
+impl StoreResult {
+    pub const ALL: [StoreResult; 4] = [
+        StoreResult::Ok,
+        StoreResult::Conflict,
+        StoreResult::Error,
+        StoreResult::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreResult::Ok => "ok",
+            StoreResult::Conflict => "conflict",
+            StoreResult::Error => "error",
+            StoreResult::Timeout => "timeout",
+        }
+    }
+}
+
+impl StoreGauges {
+    fn new(registry: &Registry) -> Result<StoreGauges, prometheus::Error> {
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let operations = IntCounterVec::new(
+            Opts::new(
+                "vastshift_store_operations_total",
+                "Calls to the shared state store, by operation and result.",
+            ),
+            &["op", "result"],
+        )?;
+        registry.register(Box::new(operations.clone()))?;
+        for op in StoreOp::ALL {
+            for r in StoreResult::ALL {
+                operations.with_label_values(&[op.as_str(), r.as_str()]);
+            }
+        }
+        let s = StoreGauges {
+            connected: gauge(
+                "vastshift_store_connected",
+                "1 while the state store answers (always 1 for the file store).",
+            )?,
+            revision: gauge(
+                "vastshift_store_revision",
+                "The shared store's revision of the routing state this replica applied.",
+            )?,
+            operations,
+            replicas: gauge(
+                "vastshift_cluster_replicas",
+                "Live replicas sharing this migration, this one included.",
+            )?,
+            leader: gauge(
+                "vastshift_cluster_leader",
+                "1 on the replica elected to advance the ramp.",
+            )?,
+            config_drift: gauge(
+                "vastshift_cluster_config_drift",
+                "1 when this replica's routing config differs from the leader's.",
+            )?,
+        };
+        s.connected.set(1);
+        s.replicas.set(1);
+        s.leader.set(1);
+        Ok(s)
+    }
 }
 
 impl Metrics {
@@ -204,6 +325,7 @@ impl Metrics {
         for k in ["framing", "aborted", "timeout"] {
             client_errors.with_label_values(&[k]);
         }
+        let store = StoreGauges::new(&registry)?;
         for c in [
             &requests,
             &upstream_errors,
@@ -263,7 +385,32 @@ impl Metrics {
             in_flight,
             state_write_failures,
             client_errors,
+            store,
         })
+    }
+
+    pub fn set_store_connected(&self, connected: bool) {
+        self.store.connected.set(i64::from(connected));
+    }
+
+    pub fn set_store_revision(&self, revision: i64) {
+        self.store.revision.set(revision);
+    }
+
+    pub fn store_operation(&self, op: StoreOp, result: StoreResult) {
+        self.store
+            .operations
+            .with_label_values(&[op.as_str(), result.as_str()])
+            .inc();
+    }
+
+    /// Live replicas, whether this one leads, whether its config differs from the leader's.
+    pub fn set_cluster(&self, replicas: usize, leader: bool, drift: bool) {
+        self.store
+            .replicas
+            .set(i64::try_from(replicas).unwrap_or(i64::MAX));
+        self.store.leader.set(i64::from(leader));
+        self.store.config_drift.set(i64::from(drift));
     }
 
     /// One answered (or failed) request, on a route of the current routing table.

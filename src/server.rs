@@ -54,6 +54,8 @@ pub enum RunError {
     AdminUnprotected { var: String, addr: SocketAddr },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Serves until `shutdown` resolves, then drains and returns.
@@ -89,7 +91,18 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
-    let supervisor = Supervisor::new(Arc::clone(&app.control));
+    let peers = match &app.cluster {
+        Some(cluster) => {
+            tasks.extend(
+                cluster
+                    .start(admin_addr.to_string(), stop_rx.clone())
+                    .await?,
+            );
+            Some(Arc::clone(cluster) as Arc<dyn crate::control::supervisor::Peers>)
+        }
+        None => None,
+    };
+    let supervisor = Supervisor::new(Arc::clone(&app.control), peers);
     tasks.push(tokio::spawn(supervisor.run(stop_rx.clone())));
     if app.reloader.path.is_some() {
         tasks.push(tokio::spawn(crate::reload::watch(

@@ -143,7 +143,7 @@ fn rig(extra: &str) -> (Arc<Control>, Arc<Windows>, Supervisor) {
         Startup::default(),
     ));
     let windows = Arc::clone(&control.snapshot().windows);
-    let sup = Supervisor::new(Arc::clone(&control));
+    let sup = Supervisor::new(Arc::clone(&control), None);
     (control, windows, sup)
 }
 

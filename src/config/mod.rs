@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use sections::{
-    GuardConfig, RampConfig, RouteConfig, ServerConfig, ShadowConfig, SplitConfig, ValidationConfig,
+    GuardConfig, RampConfig, RouteConfig, ServerConfig, ShadowConfig, SplitConfig, StoreConfig,
+    StoreKind, ValidationConfig,
 };
 pub use upstream::{
     InstanceMode, LegacyConfig, ServerlessMode, UpstreamSettings, VastaiConfig, VastaiMode,
@@ -61,6 +62,7 @@ pub struct Config {
     pub guard: GuardConfig,
     pub ramp: RampConfig,
     pub validation: ValidationConfig,
+    pub store: StoreConfig,
     /// The folder relative paths (state file, CA files) are resolved against.
     pub base_dir: PathBuf,
 }
@@ -85,6 +87,8 @@ struct File {
     ramp: RampConfig,
     #[serde(default)]
     validation: ValidationConfig,
+    #[serde(default)]
+    store: StoreConfig,
 }
 
 /// Reads, parses and validates a config file. Relative paths in it resolve against its folder.
@@ -135,6 +139,7 @@ pub fn parse(text: &str, base_dir: PathBuf) -> Result<Config, ConfigError> {
         guard: file.guard,
         ramp: file.ramp,
         validation: file.validation,
+        store: file.store,
         base_dir,
     };
     config.validate()?;
@@ -215,6 +220,7 @@ impl Config {
         if self.ramp.steps.windows(2).any(|w| w[0] >= w[1]) {
             return Err(invalid("ramp.steps", "must be strictly increasing"));
         }
+        self.validate_store()?;
         let v = &self.validation;
         check_rate("validation.max_error_rate", v.max_error_rate)?;
         check_rate("validation.min_match_rate", v.min_match_rate)?;
@@ -274,6 +280,55 @@ impl Config {
         Ok(())
     }
 
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let s = &self.store;
+        if s.kind != StoreKind::Etcd {
+            return Ok(());
+        }
+        if s.endpoints.is_empty() {
+            return Err(invalid(
+                "store.endpoints",
+                "needs at least one etcd endpoint",
+            ));
+        }
+        let prefix_ok = s.prefix.starts_with('/')
+            && s.prefix.len() > 1
+            && !s.prefix.ends_with('/')
+            && !s.prefix.contains("//");
+        if !prefix_ok {
+            return Err(invalid(
+                "store.prefix",
+                format!(
+                    "must look like /vastshift/NAME (a leading /, no trailing /), got {:?}",
+                    s.prefix
+                ),
+            ));
+        }
+        if s.timeout_ms == 0 || s.timeout_ms > 60_000 {
+            return Err(invalid("store.timeout_ms", "must be from 1 to 60000"));
+        }
+        if s.heartbeat_secs == 0 || s.heartbeat_secs > 3600 {
+            return Err(invalid("store.heartbeat_secs", "must be from 1 to 3600"));
+        }
+        if s.username_env.is_empty() != s.password_env.is_empty() {
+            return Err(invalid(
+                "store.password_env",
+                "username_env and password_env are set together or not at all",
+            ));
+        }
+        let id_ok = s
+            .replica_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !id_ok {
+            return Err(invalid(
+                "store.replica_id",
+                format!("must match [A-Za-z0-9._-]*, got {:?}", s.replica_id),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_guard(&self) -> Result<(), ConfigError> {
         let g = &self.guard;
         if g.window_secs == 0 || g.window_secs > 3600 {
@@ -301,7 +356,7 @@ impl Config {
             VastaiMode::Serverless(s) => format!("serverless endpoint {}", s.endpoint),
         };
         format!(
-            "ok: listen {} admin {}; legacy {} ; vastai {} ; split {} to vastai (sticky {}); {} route(s); shadow {}; guard {}",
+            "ok: listen {} admin {}; legacy {} ; vastai {} ; split {} to vastai (sticky {}); {} route(s); shadow {}; guard {}; store {}",
             self.server.listen,
             self.server.admin_listen,
             self.legacy.url,
@@ -311,6 +366,19 @@ impl Config {
             self.routes.len(),
             if self.shadow.enabled { "on" } else { "off" },
             if self.guard.enabled { "on" } else { "off" },
+            match self.store.kind {
+                StoreKind::File => "file".to_string(),
+                StoreKind::Etcd => format!(
+                    "etcd {} at {}",
+                    self.store.prefix,
+                    self.store
+                        .endpoints
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            },
         )
     }
 }

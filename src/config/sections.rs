@@ -196,3 +196,52 @@ impl Default for ValidationConfig {
         }
     }
 }
+
+/// Where operator state lives (SPEC §9): one replica's file, or etcd shared by every replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    File,
+    Etcd,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// etcd's client URLs; tried in turn.
+    #[serde(deserialize_with = "values::base_urls")]
+    pub endpoints: Vec<values::BaseUrl>,
+    /// One migration per prefix: `{prefix}/state`, `{prefix}/replicas/{id}`, `{prefix}/leader`.
+    pub prefix: String,
+    /// Names of the variables holding etcd's credentials; auth is off when empty.
+    pub username_env: String,
+    pub password_env: String,
+    /// An extra PEM CA for https endpoints.
+    pub ca_file: String,
+    /// The bound on every store call; past it the store counts as down.
+    pub timeout_ms: u64,
+    /// Default: `$HOSTNAME` when set, else `<hostname>-<pid>`.
+    pub replica_id: String,
+    /// Replica records live under a lease of 3 × this.
+    pub heartbeat_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::File,
+            endpoints: values::BaseUrl::parse("http://127.0.0.1:2379")
+                .map(|u| vec![u])
+                .unwrap_or_default(),
+            prefix: "/vastshift/default".into(),
+            username_env: String::new(),
+            password_env: String::new(),
+            ca_file: String::new(),
+            timeout_ms: 2000,
+            replica_id: String::new(),
+            heartbeat_secs: 5,
+        }
+    }
+}

@@ -238,6 +238,23 @@ impl fmt::Display for BaseUrl {
     }
 }
 
+/// A list of base URLs with no path (`http://host:port`), as etcd's endpoints are given.
+pub fn base_urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<BaseUrl>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            let url = BaseUrl::parse(s).map_err(serde::de::Error::custom)?;
+            if url.path_prefix.is_empty() {
+                Ok(url)
+            } else {
+                Err(serde::de::Error::custom(format!(
+                    "{s:?}: an endpoint is scheme://host:port, without a path"
+                )))
+            }
+        })
+        .collect()
+}
+
 /// A listen address, `IP:PORT`.
 pub fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let s = String::deserialize(d)?;

@@ -56,6 +56,7 @@ pub(super) fn audit(
     to: serde_json::Value,
     reason: Option<String>,
 ) {
+    let replica = inner.replica.clone();
     let log = &mut inner.state.audit;
     log.push_back(AuditEntry {
         at: now_rfc3339(),
@@ -64,6 +65,7 @@ pub(super) fn audit(
         from,
         to,
         reason,
+        replica,
     });
     while log.len() > AUDIT_CAP {
         log.pop_front();

@@ -10,11 +10,15 @@
 //!
 //! - [`layers`]: the pure folding of file, overrides and latch into a table and documents.
 //! - [`snapshot`]: the published view.
-//! - [`store`]: persistence behind one trait (today's file store).
+//! - [`ops`]: the changes as values, applied by one pure function (and re-applied on another
+//!   copy of the state when a shared store's compare-and-swap lost).
+//! - [`store`]: persistence behind one trait (the state file; with a shared store, the
+//!   replica's local copy of the last applied state).
 //! - [`ramp`]: when a running ramp may take its next step.
 //! - [`supervisor`]: the once-a-second tick that acts on the guard's verdict and the ramp.
 
 pub mod layers;
+pub mod ops;
 pub mod ramp;
 pub mod snapshot;
 pub mod store;
@@ -24,22 +28,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 use serde_json::json;
+use tokio::sync::Notify;
 
 use crate::config::{BaseUrl, Config, Percent};
 use crate::metrics::{Metrics, RollbackTrigger};
-use crate::routing::Source;
 use crate::safety::health::Health;
 use crate::upstream::{Upstreams, VastaiUpstream};
 use crate::vocab::{now_rfc3339, Backend};
-use layers::{audit, build_table, document, effective, latch, route_label};
+use layers::{audit, build_table, document, latch};
 pub use layers::{RouteDocument, SplitDocument};
-use ramp::stop_ramp_for_operator;
+pub use ops::Op;
 pub use ramp::RampAction;
 use snapshot::Parts;
 pub use snapshot::{Snapshot, SnapshotHandle};
-use store::{Actor, AuditEntry, Loaded, Override, PersistedState, RampProgress, StateStore};
+use store::{Actor, AuditEntry, Loaded, PersistedState, RampProgress, StateStore};
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum ControlError {
     #[error("unknown route {0:?}")]
     UnknownRoute(String),
@@ -48,13 +52,18 @@ pub enum ControlError {
 }
 
 /// How the process was started, as far as routing state cares.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Startup {
     /// `VASTSHIFT_FORCE_LEGACY=1`: start rolled back whatever the state says.
     pub force_legacy: bool,
+    /// With a shared store (SPEC §9): this replica's id. The state store is then the local
+    /// copy of the last applied shared state, and the shared state arrives through
+    /// [`Control::adopt`].
+    pub replica: Option<String>,
 }
 
 /// What control holds between changes.
+#[derive(Clone)]
 pub(crate) struct Inner {
     pub file: Arc<Config>,
     parts: Parts,
@@ -63,6 +72,16 @@ pub(crate) struct Inner {
     pub reason: Option<String>,
     /// Counts the changes of `state`, so the store is never handed an older one after a newer.
     version: u64,
+    /// The replica id when the state is shared; audit entries carry it.
+    pub replica: Option<String>,
+    /// The shared store's revision of the state applied last (0: none yet, or no shared store).
+    revision: i64,
+    /// A rollback applied here that the shared store has not taken yet, with its sequence
+    /// number. While it is pending, a stored state without a rollback does not undo it.
+    pending: Option<(u64, Op)>,
+    /// The start-up rollback of a replica that had neither the shared state nor a local copy:
+    /// replaced by the stored state as soon as the store answers, and never written to it.
+    provisional: bool,
 }
 
 /// How writes to the store stand. Writes happen outside control's lock (a slow disk must not
@@ -82,6 +101,10 @@ pub struct Control {
     store: Arc<dyn StateStore>,
     persistence: Persistence,
     metrics: Arc<Metrics>,
+    /// Woken when a rollback is waiting for the shared store.
+    pending_changed: Notify,
+    /// Numbers pending rollbacks.
+    pending_seq: std::sync::atomic::AtomicU64,
 }
 
 impl Control {
@@ -96,17 +119,32 @@ impl Control {
         startup: Startup,
     ) -> Control {
         let now = now_rfc3339();
+        let shared = startup.replica.is_some();
         let mut state = PersistedState::default();
         let mut startup_rollback: Option<String> = None;
+        let mut provisional: Option<String> = None;
         match store.load() {
+            Loaded::Empty if shared => {
+                provisional = Some(
+                    "no local copy of the shared state yet; rolled back until the store answers"
+                        .into(),
+                );
+            }
             Loaded::Empty => {}
             Loaded::Found(s) => state = s,
             Loaded::Corrupt { error, moved_to } => {
                 let aside = moved_to.map_or("could not be moved aside".to_string(), |p| {
                     format!("moved aside to {}", p.display())
                 });
-                tracing::error!(%error, "state file unreadable ({aside}); starting rolled back");
-                startup_rollback = Some(format!("state file unreadable ({error}); {aside}"));
+                if shared {
+                    tracing::error!(%error, "local copy of the shared state unreadable ({aside}); rolled back until the store answers");
+                    provisional = Some(format!(
+                        "local copy of the shared state unreadable ({error}); {aside}"
+                    ));
+                } else {
+                    tracing::error!(%error, "state file unreadable ({aside}); starting rolled back");
+                    startup_rollback = Some(format!("state file unreadable ({error}); {aside}"));
+                }
             }
         }
         if startup.force_legacy {
@@ -124,16 +162,25 @@ impl Control {
                 updated_at: now.clone(),
                 reason: None,
                 version: 0,
+                replica: startup.replica.clone(),
+                revision: 0,
+                pending: None,
+                provisional: false,
             }),
             store,
             persistence: Persistence::default(),
             metrics,
+            pending_changed: Notify::new(),
+            pending_seq: Default::default(),
         };
         {
             let mut inner = control.lock();
-            // Overrides for routes the file no longer has cannot apply; forget them.
-            let names: Vec<String> = inner.file.routes.iter().map(|r| r.name.clone()).collect();
-            inner.state.route_overrides.retain(|k, _| names.contains(k));
+            if !shared {
+                // Overrides for routes the file no longer has cannot apply; forget them. A
+                // shared state keeps them: another replica's file may have the route.
+                let names: Vec<String> = inner.file.routes.iter().map(|r| r.name.clone()).collect();
+                inner.state.route_overrides.retain(|k, _| names.contains(k));
+            }
             if let Some(reason) = startup_rollback {
                 let from = json!(build_table(&inner).percent.as_f64());
                 latch(&mut inner, Actor::Startup, Some(reason.clone()), &now);
@@ -143,9 +190,21 @@ impl Control {
                     "rollback",
                     from,
                     json!(0.0),
-                    Some(reason),
+                    Some(reason.clone()),
                 );
                 control.metrics.rollback(RollbackTrigger::Startup);
+                if shared {
+                    // An operator's rollback, not a provisional one: the store takes it.
+                    let op = Op::Rollback {
+                        trigger: RollbackTrigger::Startup,
+                        reason: Some(reason),
+                    };
+                    inner.pending = Some((control.next_pending(), op));
+                }
+            } else if let Some(reason) = provisional {
+                tracing::warn!("{reason}");
+                latch(&mut inner, Actor::Startup, Some(reason), &now);
+                inner.provisional = true;
             } else if inner.state.rollback.is_some() {
                 tracing::warn!("restored a rollback from the state file; traffic stays on legacy");
             }
@@ -177,8 +236,11 @@ impl Control {
     }
 
     pub fn split_document(&self) -> SplitDocument {
-        let mut doc = document(&self.lock(), &self.snapshot().table);
-        doc.persisted = self.persist_error().is_none();
+        let inner = self.lock();
+        let mut doc = document(&inner, &self.snapshot().table);
+        doc.persisted = inner.pending.is_none() && !inner.provisional;
+        drop(inner);
+        doc.persisted &= self.persist_error().is_none();
         doc
     }
 
@@ -190,8 +252,11 @@ impl Control {
         self.lock().state.ramp.clone()
     }
 
+    /// Whether a rollback is latched. The provisional one of a replica that started without any
+    /// state does not count: it is not an incident, and its end is not an operator's clearing.
     pub fn rolled_back(&self) -> bool {
-        self.lock().state.rollback.is_some()
+        let inner = self.lock();
+        inner.state.rollback.is_some() && !inner.provisional
     }
 
     /// `PUT /admin/split`: sets an operator override and clears a rollback.
@@ -201,42 +266,12 @@ impl Control {
         percent: Percent,
         reason: Option<String>,
     ) -> Result<SplitDocument, ControlError> {
-        let mut inner = self.lock();
-        check_route(&inner, route)?;
-        let now = now_rfc3339();
-        let from = effective(&self.snapshot().table, route);
-        let ov = Override {
+        self.execute(&Op::Set {
+            route: route.map(str::to_string),
             percent,
-            source: Source::Admin,
-            reason: reason.clone(),
-            at: now.clone(),
-        };
-        match route {
-            None => {
-                inner.state.default_override = Some(ov);
-                stop_ramp_for_operator(&mut inner);
-            }
-            Some(r) => {
-                inner.state.route_overrides.insert(r.to_string(), ov);
-            }
-        }
-        let cleared = inner.state.rollback.take().is_some();
-        let change = format!(
-            "set {}{}",
-            route_label(route),
-            if cleared { " (rollback cleared)" } else { "" }
-        );
-        audit(
-            &mut inner,
-            Actor::Admin,
-            &change,
-            from,
-            json!(percent.as_f64()),
-            reason.clone(),
-        );
-        inner.reason = reason;
-        inner.updated_at = now;
-        Ok(self.commit(inner))
+            reason,
+        })
+        .map(|(doc, _)| doc)
     }
 
     /// `DELETE /admin/split`: removes an override so the file's value applies; clears a rollback.
@@ -245,59 +280,168 @@ impl Control {
         route: Option<&str>,
         reason: Option<String>,
     ) -> Result<SplitDocument, ControlError> {
-        let mut inner = self.lock();
-        check_route(&inner, route)?;
-        let from = effective(&self.snapshot().table, route);
-        match route {
-            None => {
-                inner.state.default_override = None;
-                stop_ramp_for_operator(&mut inner);
-            }
-            Some(r) => {
-                inner.state.route_overrides.remove(r);
-            }
-        }
-        let cleared = inner.state.rollback.take().is_some();
-        let to = json!(build_table(&inner).percent_of(route).as_f64());
-        let change = format!(
-            "clear override {}{}",
-            route_label(route),
-            if cleared { " (rollback cleared)" } else { "" }
-        );
-        audit(&mut inner, Actor::Admin, &change, from, to, reason.clone());
-        inner.reason = reason;
-        inner.updated_at = now_rfc3339();
-        Ok(self.commit(inner))
+        self.execute(&Op::Clear {
+            route: route.map(str::to_string),
+            reason,
+        })
+        .map(|(doc, _)| doc)
     }
 
     /// Every percentage to 0 in one swap; latched until an operator's next PUT or DELETE.
     pub fn rollback(&self, trigger: RollbackTrigger, reason: Option<String>) -> SplitDocument {
+        match self.execute(&Op::Rollback { trigger, reason }) {
+            Ok((doc, _)) => doc,
+            // A rollback applies to any state; this arm is never taken.
+            Err(_) => self.split_document(),
+        }
+    }
+
+    /// Starts the ramp at its first step (or restarts it).
+    pub fn ramp_start(&self) -> Result<RampProgress, ControlError> {
+        let (_, progress) = self.execute(&Op::RampStart)?;
+        progress.ok_or_else(|| ControlError::Conflict("the ramp did not start".into()))
+    }
+
+    /// Pause, resume or abort a ramp. Abort removes the ramp's override: the file's value applies.
+    pub fn ramp_action(&self, action: RampAction) -> Result<Option<RampProgress>, ControlError> {
+        self.execute(&Op::Ramp(action)).map(|(_, p)| p)
+    }
+
+    /// Moves a running ramp from step `from_step` to the next one. Returns the new progress, or
+    /// `None` when the ramp is no longer at that step (a concurrent change won).
+    pub fn ramp_advance(&self, from_step: usize) -> Option<RampProgress> {
+        self.execute(&Op::RampAdvance { from_step })
+            .ok()
+            .and_then(|(_, p)| p)
+    }
+
+    /// Applies `op` here, publishes and persists it (to the state file; with a shared store, to
+    /// the local copy). A rollback with a shared store is also left pending for the store
+    /// ([`Self::pending`]); other shared changes go through [`Self::draft`] and
+    /// [`Self::adopt`] instead.
+    pub fn execute(&self, op: &Op) -> Result<(SplitDocument, Option<RampProgress>), ControlError> {
         let mut inner = self.lock();
-        let actor = match trigger {
-            RollbackTrigger::Admin => Actor::Admin,
-            RollbackTrigger::Guard => Actor::Guard,
-            RollbackTrigger::Startup => Actor::Startup,
+        let progress = ops::apply(&mut inner, op)?;
+        if let Op::Rollback { trigger, reason } = op {
+            self.metrics.rollback(*trigger);
+            tracing::warn!(
+                trigger = trigger.as_str(),
+                reason = reason.as_deref().unwrap_or(""),
+                "rolled back to legacy"
+            );
+            inner.provisional = false;
+            if inner.replica.is_some() {
+                inner.pending = Some((self.next_pending(), op.clone()));
+                self.pending_changed.notify_one();
+            }
+        }
+        Ok((self.commit(inner), progress))
+    }
+
+    /// `op` applied to `base` (the state as the shared store holds it; `None`: the state in
+    /// force here), without touching what is in force. Returns the new state and the ramp's
+    /// progress; the caller writes it with a compare-and-swap and then [`Self::adopt`]s it.
+    pub fn draft(
+        &self,
+        op: &Op,
+        base: Option<PersistedState>,
+    ) -> Result<(PersistedState, Option<RampProgress>), ControlError> {
+        let mut scratch = self.lock().clone();
+        if let Some(base) = base {
+            scratch.state = base;
+        }
+        if scratch.provisional {
+            // The provisional start-up latch is never written to the store.
+            scratch.state.rollback = None;
+        }
+        let progress = ops::apply(&mut scratch, op)?;
+        Ok((scratch.state, progress))
+    }
+
+    /// The state to write into an empty shared store: the one in force, without a provisional
+    /// start-up latch.
+    pub fn seed(&self) -> PersistedState {
+        let inner = self.lock();
+        let mut state = inner.state.clone();
+        if inner.provisional {
+            state.rollback = None;
+        }
+        state
+    }
+
+    /// Puts in force a state read from (or written to) the shared store at `revision`. A
+    /// revision at or below the one applied is ignored, so a stale read never undoes a newer
+    /// state; a pending local rollback is kept over a stored state without one. Returns whether
+    /// routing state changed.
+    pub fn adopt(&self, mut state: PersistedState, revision: i64) -> bool {
+        let mut inner = self.lock();
+        if revision <= inner.revision {
+            return false;
+        }
+        inner.revision = revision;
+        self.metrics.set_store_revision(revision);
+        let kept = match &inner.pending {
+            Some((_, Op::Rollback { .. })) if state.rollback.is_none() => {
+                inner.state.rollback.clone()
+            }
+            _ => None,
         };
-        let now = now_rfc3339();
-        let from = json!(self.snapshot().table.percent.as_f64());
-        latch(&mut inner, actor, reason.clone(), &now);
-        audit(
-            &mut inner,
-            actor,
-            "rollback",
-            from,
-            json!(0.0),
-            reason.clone(),
-        );
-        inner.reason = reason.clone();
-        inner.updated_at = now;
-        self.metrics.rollback(trigger);
-        tracing::warn!(
-            trigger = trigger.as_str(),
-            reason = reason.as_deref().unwrap_or(""),
-            "rolled back to legacy"
-        );
-        self.commit(inner)
+        if let Some(l) = &kept {
+            state.rollback = Some(l.clone());
+        }
+        let was_provisional = std::mem::take(&mut inner.provisional);
+        if state == inner.state && !was_provisional {
+            return false;
+        }
+        inner.state = state;
+        if let Some(l) = kept {
+            latch(&mut inner, l.actor, l.reason, &l.at);
+        }
+        if let Some((reason, at)) = inner
+            .state
+            .audit
+            .back()
+            .map(|l| (l.reason.clone(), l.at.clone()))
+        {
+            inner.reason = reason;
+            inner.updated_at = at;
+        }
+        self.commit(inner);
+        true
+    }
+
+    /// The rollback waiting for the shared store, with its sequence number.
+    pub fn pending(&self) -> Option<(u64, Op)> {
+        self.lock().pending.clone()
+    }
+
+    /// The store took the pending rollback `seq`; a newer one stays pending.
+    pub fn clear_pending(&self, seq: u64) {
+        let mut inner = self.lock();
+        if inner.pending.as_ref().is_some_and(|(s, _)| *s == seq) {
+            inner.pending = None;
+        }
+    }
+
+    /// Resolves when a rollback becomes pending (or at once, if one was signalled meanwhile).
+    pub async fn pending_changed(&self) {
+        self.pending_changed.notified().await;
+    }
+
+    fn next_pending(&self) -> u64 {
+        self.pending_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+    }
+
+    /// The shared store's revision of the state in force (0 without one).
+    pub fn revision(&self) -> i64 {
+        self.lock().revision
+    }
+
+    /// Whether the rollback in force is the provisional one of a start without any state.
+    pub fn provisional(&self) -> bool {
+        self.lock().provisional
     }
 
     /// A reloaded, valid config file and the upstreams built from it, published in one swap
@@ -310,11 +454,13 @@ impl Control {
         inner.parts = Parts::new(&config, upstreams, health, Some(&inner.parts));
         inner.file = Arc::clone(&config);
         let names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
+        // A shared state keeps overrides of routes this file lacks: another replica may have them.
+        let shared = inner.replica.is_some();
         let dropped: Vec<String> = inner
             .state
             .route_overrides
             .keys()
-            .filter(|k| !names.contains(k))
+            .filter(|k| !shared && !names.contains(k))
             .cloned()
             .collect();
         for name in dropped {
@@ -453,15 +599,6 @@ impl Control {
                 inner.parts.health.set(Backend::Vastai, false, why);
             }
         }
-    }
-}
-
-fn check_route(inner: &Inner, route: Option<&str>) -> Result<(), ControlError> {
-    match route {
-        Some(r) if !inner.file.routes.iter().any(|c| c.name == r) => {
-            Err(ControlError::UnknownRoute(r.to_string()))
-        }
-        _ => Ok(()),
     }
 }
 

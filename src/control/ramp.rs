@@ -1,4 +1,4 @@
-//! The progressive ramp: its operations on control's state, and its timing (when a running
+//! The progressive ramp: the state changes its operations share, and its timing (when a running
 //! ramp may take its next step).
 //!
 //! A step is held for `hold_secs` of continuously passing guard verdicts; an inconclusive or
@@ -10,11 +10,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use serde_json::json;
-
-use super::layers::{audit, build_table};
-use super::store::{Actor, Override, RampProgress, RampStatus};
-use super::{Control, ControlError, Inner};
+use super::store::{Override, RampProgress, RampStatus};
+use super::Inner;
 use crate::config::Percent;
 use crate::routing::Source;
 use crate::vocab::now_rfc3339;
@@ -95,124 +92,6 @@ impl RampDocument {
     }
 }
 
-/// The ramp's operations on control's state: start, pause, resume, abort and the step the
-/// supervisor takes.
-impl Control {
-    /// Starts the ramp at its first step (or restarts it).
-    pub fn ramp_start(&self) -> Result<RampProgress, ControlError> {
-        let mut inner = self.lock();
-        let first = inner
-            .file
-            .ramp
-            .steps
-            .first()
-            .copied()
-            .unwrap_or(Percent::ZERO);
-        let from = json!(self.snapshot().table.percent.as_f64());
-        inner.state.rollback = None;
-        let progress = set_ramp_step(&mut inner, 0, first);
-        audit(
-            &mut inner,
-            Actor::Admin,
-            "ramp start",
-            from,
-            json!(first.as_f64()),
-            None,
-        );
-        self.commit(inner);
-        Ok(progress)
-    }
-
-    /// Pause, resume or abort a ramp. Abort removes the ramp's override: the file's value applies.
-    pub fn ramp_action(&self, action: RampAction) -> Result<Option<RampProgress>, ControlError> {
-        let mut inner = self.lock();
-        let Some(mut progress) = inner.state.ramp.clone() else {
-            return Err(ControlError::Conflict("no ramp has been started".into()));
-        };
-        let now = now_rfc3339();
-        match action {
-            RampAction::Pause => {
-                if progress.status != RampStatus::Running {
-                    return Err(ControlError::Conflict(
-                        format!("ramp is {:?}, not running", progress.status).to_lowercase(),
-                    ));
-                }
-                progress.status = RampStatus::Paused;
-            }
-            RampAction::Resume => {
-                if progress.status != RampStatus::Paused {
-                    return Err(ControlError::Conflict(
-                        format!("ramp is {:?}, not paused", progress.status).to_lowercase(),
-                    ));
-                }
-                progress.status = RampStatus::Running;
-            }
-            RampAction::Abort => {
-                let from = json!(self.snapshot().table.percent.as_f64());
-                if inner
-                    .state
-                    .default_override
-                    .as_ref()
-                    .is_some_and(|o| o.source == Source::Ramp)
-                {
-                    inner.state.default_override = None;
-                }
-                inner.state.ramp = None;
-                let to = json!(build_table(&inner).percent.as_f64());
-                audit(&mut inner, Actor::Admin, "ramp abort", from, to, None);
-                inner.updated_at = now;
-                self.commit(inner);
-                return Ok(None);
-            }
-        }
-        progress.at = now.clone();
-        inner.state.ramp = Some(progress.clone());
-        audit(
-            &mut inner,
-            Actor::Admin,
-            &format!("ramp {}", action.as_str()),
-            json!(null),
-            json!(null),
-            None,
-        );
-        self.commit(inner);
-        Ok(Some(progress))
-    }
-
-    /// Moves a running ramp from step `from_step` to the next one. Returns the new progress, or
-    /// `None` when the ramp is no longer at that step (a concurrent change won).
-    pub fn ramp_advance(&self, from_step: usize) -> Option<RampProgress> {
-        let mut inner = self.lock();
-        let progress = inner.state.ramp.clone()?;
-        if progress.status != RampStatus::Running
-            || progress.step != from_step
-            || inner.state.rollback.is_some()
-        {
-            return None;
-        }
-        let next = from_step + 1;
-        let percent = *inner.file.ramp.steps.get(next)?;
-        let from = json!(self.snapshot().table.percent.as_f64());
-        set_ramp_step(&mut inner, next, percent);
-        if next + 1 == inner.file.ramp.steps.len() {
-            if let Some(r) = inner.state.ramp.as_mut() {
-                r.status = RampStatus::Done;
-            }
-        }
-        audit(
-            &mut inner,
-            Actor::Ramp,
-            &format!("ramp step {}", next + 1),
-            from,
-            json!(percent.as_f64()),
-            None,
-        );
-        let progress = inner.state.ramp.clone();
-        self.commit(inner);
-        progress
-    }
-}
-
 /// Operator actions on a ramp other than start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RampAction {
@@ -222,7 +101,7 @@ pub enum RampAction {
 }
 
 impl RampAction {
-    fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             RampAction::Pause => "pause",
             RampAction::Resume => "resume",

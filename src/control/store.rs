@@ -73,6 +73,9 @@ pub struct AuditEntry {
     pub from: serde_json::Value,
     pub to: serde_json::Value,
     pub reason: Option<String>,
+    /// The replica that made the change, when the state is shared (SPEC §9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// Everything that must survive a restart.

@@ -1,6 +1,8 @@
 //! The once-a-second tick behind automatic rollback and the ramp: it judges the guard window,
 //! rolls back through [`Control`] (actor `guard`) on `fail`, once per incident, and steps a
-//! running ramp when its hold has passed. It acts only through control's own operations.
+//! running ramp when its hold has passed. It acts only through control's own operations, and,
+//! with replicas sharing the state, through [`Peers`]: only the leader advances the ramp, on the
+//! verdicts and requests of all of them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +12,24 @@ use tokio::time::Instant;
 use super::ramp::RampDriver;
 use super::Control;
 use crate::metrics::RollbackTrigger;
-use crate::safety::guard::{self, Verdict};
+use crate::safety::guard::{self, GuardReport, Verdict};
 use crate::vocab::Backend;
+
+/// The other replicas of a shared migration, as the ramp needs them.
+pub trait Peers: Send + Sync {
+    /// Whether the ramp's current step passes across every live replica: none reports `fail`
+    /// and their vastai requests together (`local_requests` here) reach `min_requests`.
+    /// `None` when this replica is not the one that advances the ramp.
+    fn ramp_passing(
+        &self,
+        local: &GuardReport,
+        local_requests: u64,
+        min_requests: u64,
+    ) -> Option<bool>;
+
+    /// Takes the ramp's step from `from_step`, through the shared store.
+    fn advance(self: Arc<Self>, from_step: usize);
+}
 
 /// The once-a-second loop behind automatic rollback and the ramp.
 pub struct Supervisor {
@@ -19,15 +37,17 @@ pub struct Supervisor {
     /// Whether the last tick saw a rollback, so an operator clearing one is noticed.
     was_rolled_back: bool,
     ramp: RampDriver,
+    peers: Option<Arc<dyn Peers>>,
 }
 
 impl Supervisor {
-    pub fn new(control: Arc<Control>) -> Supervisor {
+    pub fn new(control: Arc<Control>, peers: Option<Arc<dyn Peers>>) -> Supervisor {
         let was_rolled_back = control.rolled_back();
         Supervisor {
             control,
             was_rolled_back,
             ramp: RampDriver::default(),
+            peers,
         }
     }
 
@@ -56,14 +76,30 @@ impl Supervisor {
         }
         let steps = config.ramp.steps.len();
         let hold = Duration::from_secs(config.ramp.hold_secs);
-        if let Some(step) = self.ramp.tick(
-            self.control.ramp().as_ref(),
-            report.verdict == Verdict::Pass,
-            now,
-            hold,
-            steps,
-        ) {
-            self.control.ramp_advance(step);
+        let passing = match &self.peers {
+            None => report.verdict == Verdict::Pass,
+            Some(peers) => {
+                let requests = snapshot.windows.stats(Backend::Vastai, now).requests;
+                match peers.ramp_passing(&report, requests, config.guard.min_requests) {
+                    Some(p) => p,
+                    None => {
+                        // Not the leader: the leader's hold counts, not this one's.
+                        self.ramp.tick(None, false, now, hold, steps);
+                        return;
+                    }
+                }
+            }
+        };
+        if let Some(step) = self
+            .ramp
+            .tick(self.control.ramp().as_ref(), passing, now, hold, steps)
+        {
+            match &self.peers {
+                None => {
+                    self.control.ramp_advance(step);
+                }
+                Some(peers) => Arc::clone(peers).advance(step),
+            }
         }
     }
 

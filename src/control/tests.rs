@@ -1,6 +1,7 @@
 //! Control's layers, latch, restart and ramp, over a memory store.
 
 use super::*;
+use crate::routing::Source;
 use store::{MemoryStore, RampStatus};
 
 fn config(percent: f64) -> Arc<Config> {
@@ -25,6 +26,7 @@ fn control(store: Arc<dyn StateStore>, percent: f64, force: bool) -> Control {
         metrics,
         Startup {
             force_legacy: force,
+            replica: None,
         },
     )
 }

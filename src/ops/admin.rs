@@ -4,9 +4,10 @@
 //! starting or draining), `GET /metrics` (Prometheus text).
 //! Bearer token (compared in constant time): `GET|PUT|DELETE /admin/split`,
 //! `POST /admin/rollback`, `POST /admin/ramp`, `GET /admin/status`, `GET /admin/explain`,
-//! `GET /admin/shadow`, `GET /admin/audit`.
+//! `GET /admin/shadow`, `GET /admin/audit`, `GET /admin/cluster`.
 //! Bodies are JSON; bad input is a 400 `{"error": ...}`, an unknown route name a 404.
-//! Every change goes through `control`; nothing here writes routing state itself.
+//! Every change goes through `control` (with a shared store, through the cluster's
+//! compare-and-swap); nothing here writes routing state itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use subtle::ConstantTimeEq;
 pub use super::error::ApiError;
 use crate::app::App;
 use crate::config::Percent;
-use crate::control::{Control, RampAction};
+use crate::control::{Control, Op, RampAction};
 use crate::metrics::RollbackTrigger;
 use crate::routing::{bucket_for, random_bucket, Reason};
 use crate::upstream::VastaiUpstream;
@@ -53,6 +54,7 @@ pub fn router(app: Arc<App>, admin_addr: std::net::SocketAddr) -> Router {
         .route("/admin/explain", get(explain))
         .route("/admin/shadow", get(shadow))
         .route("/admin/audit", get(audit))
+        .route("/admin/cluster", get(cluster))
         .route("/admin/{*rest}", axum::routing::any(not_found))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
@@ -129,6 +131,7 @@ async fn health(State(app): State<Arc<App>>) -> Response {
             "persisted": split.persisted,
             "error": app.control.persist_error(),
         },
+        "store": app.cluster_document().store,
     }))
     .into_response()
 }
@@ -212,15 +215,29 @@ async fn blocking<T: Send + 'static>(
         })
 }
 
+/// An operator's change: through the shared store's compare-and-swap when there is one (503
+/// when it does not answer), else applied here and written to the state file.
+async fn change(
+    app: &Arc<App>,
+    op: Op,
+) -> Result<Option<crate::control::store::RampProgress>, ApiError> {
+    match &app.cluster {
+        Some(cluster) => Ok(cluster.write(&op).await?),
+        None => Ok(blocking(app, move |c| c.execute(&op)).await??.1),
+    }
+}
+
 async fn put_split(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
     let b: SplitBody = parse_body(&body)?;
     let percent = parse_percent(b.percent)?;
     check_reason(&b.reason)?;
-    let doc = blocking(&app, move |c| {
-        c.set_percent(b.route.as_deref(), percent, b.reason)
-    })
-    .await??;
-    Ok(Json(doc).into_response())
+    let op = Op::Set {
+        route: b.route,
+        percent,
+        reason: b.reason,
+    };
+    change(&app, op).await?;
+    Ok(Json(app.control.split_document()).into_response())
 }
 
 async fn delete_split(
@@ -233,11 +250,12 @@ async fn delete_split(
     {
         return Err(bad_request(format!("unknown query parameter {k:?}")));
     }
-    let doc = blocking(&app, move |c| {
-        c.clear_override(q.get("route").map(String::as_str), q.get("reason").cloned())
-    })
-    .await??;
-    Ok(Json(doc).into_response())
+    let op = Op::Clear {
+        route: q.get("route").cloned(),
+        reason: q.get("reason").cloned(),
+    };
+    change(&app, op).await?;
+    Ok(Json(app.control.split_document()).into_response())
 }
 
 #[derive(Deserialize)]
@@ -250,7 +268,24 @@ async fn rollback(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     let b: RollbackBody = parse_body(&body)?;
     check_reason(&b.reason)?;
     let doc = blocking(&app, move |c| c.rollback(RollbackTrigger::Admin, b.reason)).await?;
-    Ok(Json(doc).into_response())
+    let Some(cluster) = &app.cluster else {
+        return Ok(Json(doc).into_response());
+    };
+    // Applied here at once; every other replica follows once the store has it (SPEC §9).
+    // A store known to be away is not waited for: the answer says so at once.
+    let wait = if cluster.connected() {
+        cluster.write_bound()
+    } else {
+        std::time::Duration::from_millis(200)
+    };
+    let propagated = match app.control.pending() {
+        Some((seq, _)) => cluster.flushed(seq, wait).await,
+        None => true,
+    };
+    let mut body = serde_json::to_value(app.control.split_document())
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    body["propagated"] = json!(propagated);
+    Ok(Json(body).into_response())
 }
 
 #[derive(Deserialize)]
@@ -273,11 +308,11 @@ async fn ramp(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiE
         }
         None => return Err(bad_request("action is required")),
     };
-    let progress = blocking(&app, move |c| match action {
-        None => c.ramp_start().map(Some),
-        Some(a) => c.ramp_action(a),
-    })
-    .await??;
+    let op = match action {
+        None => Op::RampStart,
+        Some(a) => Op::Ramp(a),
+    };
+    let progress = change(&app, op).await?;
     let config = app.control.config();
     let doc = crate::control::ramp::RampDocument::new(
         progress.as_ref(),
@@ -341,6 +376,10 @@ async fn explain(
 async fn shadow(State(app): State<Arc<App>>) -> Response {
     let enabled = app.control.snapshot().config.shadow.enabled;
     Json(app.shadow.document(enabled)).into_response()
+}
+
+async fn cluster(State(app): State<Arc<App>>) -> Response {
+    Json(app.cluster_document()).into_response()
 }
 
 async fn audit(State(app): State<Arc<App>>) -> Response {

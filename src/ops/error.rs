@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::cluster::WriteError;
 use crate::control::ControlError;
 
 /// An error answer: status and a message for `{"error": ...}`.
@@ -22,6 +23,15 @@ impl From<ControlError> for ApiError {
         match e {
             ControlError::UnknownRoute(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
             ControlError::Conflict(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
+        }
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> ApiError {
+        match e {
+            WriteError::Refused(c) => c.into(),
+            WriteError::Unavailable(_) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }
 }

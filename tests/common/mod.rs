@@ -9,6 +9,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod etcd;
 pub mod kit;
 
 pub use kit::*;
@@ -230,8 +231,9 @@ impl Vastshift {
                 let _ = rx.await;
             },
         ));
-        // Wait until serving (or failed to start).
-        for _ in 0..200 {
+        // Wait until serving (or failed to start; a replica sharing its state may take a
+        // heartbeat and a half to tell a dead namesake from a live one).
+        for _ in 0..1000 {
             if app.is_ready() || task.is_finished() {
                 break;
             }
