@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Checks that the deployment files speak vastshift's metric contract (SPEC section 8).
+"""Checks that the deployment files speak vastshift's metric contract (SPEC sections 8 and 9).
 
 Every metric name used in the Grafana dashboard's PromQL (panel targets, annotations, template
 variables), in the alert rules and in their promtool unit tests must be listed in
 deploy/metric-names.txt (one name a line, `#` comments; a histogram appears as its _bucket, _sum
 and _count series). Label names used in selectors and in by/without/on/ignoring lists must be
 labels that metric has, and label values compared with = or != (or a plain a|b regex) must come
-from the closed sets of SPEC section 8. The dashboard's expressions are also parsed by
+from the closed sets of SPEC sections 8 and 9. The dashboard's expressions are also parsed by
 `promtool check rules` (when promtool is installed), since nothing else would parse them.
 
 Usage: .ci/check_dashboard_metrics.py [--names FILE] [--dashboard FILE] [--rules FILE]
@@ -27,7 +27,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# SPEC section 8: metric family -> (type, {label: closed set of values, or None when open}).
+# SPEC sections 8 and 9: metric family -> (type, {label: closed set of values, or None when open}).
 # `route` is open: a configured route name or "default".
 SPEC_METRICS = {
     "vastshift_requests_total": ("counter", {
@@ -56,6 +56,18 @@ SPEC_METRICS = {
     # clients that broke, abandoned or stalled their request bodies.
     "vastshift_state_write_failures_total": ("counter", {}),
     "vastshift_client_errors_total": ("counter", {"kind": {"framing", "aborted", "timeout"}}),
+    # SPEC section 9 (many replicas, the etcd store), exported with either store kind.
+    "vastshift_store_connected": ("gauge", {}),
+    "vastshift_store_revision": ("gauge", {}),
+    "vastshift_store_operations_total": ("counter", {
+        "op": {"read", "write", "watch", "heartbeat", "campaign"},
+        "result": {"ok", "conflict", "error", "timeout"},
+    }),
+    "vastshift_cluster_replicas": ("gauge", {}),
+    "vastshift_cluster_leader": ("gauge", {}),
+    # 1 while this replica's config hash differs from the leader's (GET /admin/cluster's
+    # config_drift as a metric).
+    "vastshift_cluster_config_drift": ("gauge", {}),
 }
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = {"instance", "job"}
@@ -133,7 +145,7 @@ class Checker:
     def use(self, name, where):
         self.used.setdefault(name, set()).add(where.split(":")[0])
         if name not in self.allowed:
-            self.problem(where, f"metric {name!r} is not in deploy/metric-names.txt (SPEC section 8)")
+            self.problem(where, f"metric {name!r} is not in deploy/metric-names.txt (SPEC sections 8 and 9)")
             return False
         return True
 
@@ -391,9 +403,9 @@ def main():
     # The label table above and the names file must describe the same metrics.
     table = set(c.series_labels)
     for extra in sorted(allowed - table):
-        c.problem(os.path.relpath(args.names, ROOT), f"{extra!r} is listed but is not a SPEC section 8 metric known to this checker")
+        c.problem(os.path.relpath(args.names, ROOT), f"{extra!r} is listed but is not a SPEC metric known to this checker")
     for missing in sorted(table - allowed):
-        c.problem(os.path.relpath(args.names, ROOT), f"SPEC section 8 series {missing!r} is missing from the list")
+        c.problem(os.path.relpath(args.names, ROOT), f"SPEC series {missing!r} is missing from the list")
 
     promtool = None if args.no_promtool else shutil.which("promtool")
     if not args.no_promtool and not promtool:
@@ -412,7 +424,7 @@ def main():
     if c.problems:
         print(f"  {len(c.problems)} problem(s)")
         return 1
-    print("  every metric name and label is from SPEC section 8")
+    print("  every metric name and label is from SPEC sections 8 and 9")
     return 0
 
 

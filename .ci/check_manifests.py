@@ -6,10 +6,16 @@ this says they fit together: the probes hit the ops port that the ConfigMap's ad
 the pod outlives shutdown_grace_secs, the ConfigMap is a folder mount (a subPath mount never sees
 updates), the state file is on the writable volume, the Secret's keys are the ones the pod
 reads, Prometheus scrapes the right port, and the compose trial's config points at its services.
+For many replicas (SPEC section 9): the ConfigMap's [store] is etcd, the Deployment runs several
+replicas with a rolling update that never drops below them, a PodDisruptionBudget covers them,
+the etcd credentials come from the Secret, the example etcd (components/etcd) is the one the
+endpoints name, and the compose trial runs two replicas on one etcd behind a load balancer.
 
-Usage: .ci/check_manifests.py [--rendered FILE]
+Usage: .ci/check_manifests.py [--rendered FILE] [--rendered-etcd FILE]
   --rendered: the output of `kubectl kustomize deploy/kubernetes`; without it the resources
   listed in deploy/kubernetes/kustomization.yaml are read as they are (there are no patches).
+  --rendered-etcd: the same with components/etcd added; without it the component's resources
+  are read as they are.
 Exit 0 when everything checks, 1 with one line per problem otherwise.
 """
 
@@ -23,6 +29,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K8S = os.path.join(ROOT, "deploy", "kubernetes")
+ETCD_COMPONENT = os.path.join(K8S, "components", "etcd")
 problems = []
 
 
@@ -40,17 +47,36 @@ def port_of(addr):
     return int(addr.rsplit(":", 1)[1])
 
 
-def load_resources(rendered):
+def load_yaml_docs(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def load_resources(rendered, folder=K8S):
     if rendered:
-        with open(rendered) as f:
-            return [d for d in yaml.safe_load_all(f) if d]
-    with open(os.path.join(K8S, "kustomization.yaml")) as f:
+        return load_yaml_docs(rendered)
+    with open(os.path.join(folder, "kustomization.yaml")) as f:
         kust = yaml.safe_load(f)
     docs = []
     for res in kust.get("resources", []):
-        with open(os.path.join(K8S, res)) as f:
-            docs.extend(d for d in yaml.safe_load_all(f) if d)
+        docs.extend(load_yaml_docs(os.path.join(folder, res)))
     return docs
+
+
+def selects(selector, labels):
+    """Whether a matchLabels selector (or a Service's plain selector) picks pods with these labels."""
+    match = selector.get("matchLabels", selector) if isinstance(selector, dict) else {}
+    return bool(match) and match.items() <= labels.items()
+
+
+def flag_values(args):
+    """--name=value arguments as a dict (the last one wins)."""
+    out = {}
+    for a in args:
+        if a.startswith("--") and "=" in a:
+            k, v = a[2:].split("=", 1)
+            out[k] = v
+    return out
 
 
 def check_kubernetes(rendered):
@@ -59,7 +85,7 @@ def check_kubernetes(rendered):
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
     w = "kustomization"
-    for kind in ("ConfigMap", "Deployment", "Service", "ServiceMonitor"):
+    for kind in ("ConfigMap", "Deployment", "Service", "ServiceMonitor", "PodDisruptionBudget"):
         expect(len(by_kind.get(kind, [])) == 1, w, f"expected one {kind}, got {len(by_kind.get(kind, []))}")
     expect("Secret" not in by_kind, w, "a Secret is rendered: real secrets must never be part of the kustomization")
     if problems:
@@ -88,12 +114,45 @@ def check_kubernetes(rendered):
     expect(listen.startswith("0.0.0.0:") or listen.startswith("[::]:"), w, f"listen {listen} is not on all interfaces")
     expect(state_file.startswith("/var/lib/vastshift/"), w, f"state_file {state_file} is not on the state volume")
     expect(cfg.get("split", {}).get("percent", 0.0) == 0.0, w, "a fresh deployment should start with split.percent = 0")
+    store = cfg.get("store", {})
+    expect(store.get("kind") == "etcd", w, "[store] kind must be \"etcd\": the replicas share their state through it")
+    endpoints = store.get("endpoints", [])
+    expect(endpoints and all(re.fullmatch(r"https?://[^/]+:\d+", e) for e in endpoints), w,
+           f"[store] endpoints {endpoints!r} must be URLs with a port")
+    expect(store.get("replica_id", "") == "", w,
+           "[store] replica_id must stay empty: every pod reads this file, and the default ($HOSTNAME) is the pod's own name")
+    expect(str(store.get("prefix", "")).startswith("/"), w, "[store] prefix must be an absolute key path")
 
     # The Deployment.
     w = "deployment.yaml"
     spec = dep["spec"]
     pod = spec["template"]["spec"]
-    expect(spec.get("replicas") == 1, w, "replicas must be 1 (per-replica state: see the comment there)")
+    replicas = spec.get("replicas", 1)
+    expect(replicas >= 2, w, f"replicas {replicas}: the shared store is there for several replicas (3 shipped)")
+    strategy = spec.get("strategy", {})
+    rolling = strategy.get("rollingUpdate", {})
+    expect(strategy.get("type", "RollingUpdate") == "RollingUpdate", w, "strategy must be RollingUpdate")
+    expect(rolling.get("maxUnavailable") == 0, w, "rollingUpdate.maxUnavailable must be 0: a rollout never drops a serving pod first")
+    expect(rolling.get("maxSurge", 0) not in (0, "0%"), w, "rollingUpdate.maxSurge must be above 0, or a rollout with maxUnavailable 0 cannot start")
+    pod_labels = spec["template"]["metadata"].get("labels", {})
+    keys = {}
+    for tsc in pod.get("topologySpreadConstraints", []):
+        keys[tsc.get("topologyKey")] = tsc
+        expect(selects(tsc.get("labelSelector", {}), pod_labels), w,
+               f"topologySpreadConstraint on {tsc.get('topologyKey')} does not select the pods")
+    for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone"):
+        expect(key in keys, w, f"no topologySpreadConstraint on {key}")
+    zone = keys.get("topology.kubernetes.io/zone", {})
+    expect(zone.get("whenUnsatisfiable", "ScheduleAnyway") == "ScheduleAnyway", w,
+           "the zone spread must be ScheduleAnyway: a cluster in one zone must still schedule the pods")
+    pdbs = [p for p in by_kind["PodDisruptionBudget"] if selects(p["spec"].get("selector", {}), pod_labels)]
+    if expect(pdbs, "pdb.yaml", "no PodDisruptionBudget selects the vastshift pods"):
+        pspec = pdbs[0]["spec"]
+        if "maxUnavailable" in pspec:
+            expect(pspec["maxUnavailable"] == 1, "pdb.yaml", "maxUnavailable must be 1")
+        else:
+            expect(isinstance(pspec.get("minAvailable"), int) and 1 <= pspec["minAvailable"] < replicas, "pdb.yaml",
+                   f"minAvailable must be between 1 and replicas - 1 ({replicas - 1}), or no drain can proceed")
     expect(pod.get("terminationGracePeriodSeconds", 30) > grace, w,
            f"terminationGracePeriodSeconds {pod.get('terminationGracePeriodSeconds', 30)} must exceed shutdown_grace_secs {grace}")
     psc = pod.get("securityContext", {})
@@ -137,6 +196,15 @@ def check_kubernetes(rendered):
             expect(ref.get("name") == "vastshift-secrets", w, f"env {var} must read Secret vastshift-secrets")
             expect(ref.get("key") in example_keys, w, f"env {var} reads key {ref.get('key')!r}, which secret.example.yaml lacks")
             expect(ref.get("optional") is not True, w, f"env {var} must not be optional")
+    # The etcd credentials: named by [store], read from the Secret; optional (an etcd without auth).
+    for key in ("username_env", "password_env"):
+        var = store.get(key, "")
+        if not var:
+            continue
+        ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef")
+        if expect(ref is not None, w, f"env {var} ([store] {key}) must come from a secretKeyRef"):
+            expect(ref.get("name") == "vastshift-secrets", w, f"env {var} must read Secret vastshift-secrets")
+            expect(ref.get("key") in example_keys, w, f"env {var} reads key {ref.get('key')!r}, which secret.example.yaml lacks")
     cfg_env = env.get("VASTSHIFT_CONFIG", {}).get("value", "/etc/vastshift/vastshift.toml")
 
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
@@ -150,14 +218,10 @@ def check_kubernetes(rendered):
     m = mounts.get("/var/lib/vastshift")
     if expect(m is not None, w, "a volume must be mounted at /var/lib/vastshift (state file)"):
         vol = volumes.get(m["name"], {})
-        expect("persistentVolumeClaim" in vol or "emptyDir" in vol, w, "the state volume must be a PVC or an emptyDir")
         expect(not m.get("readOnly"), w, "the state volume must be writable")
-        claim = vol.get("persistentVolumeClaim", {}).get("claimName")
-        if claim:
-            pvcs = [p["metadata"]["name"] for p in by_kind.get("PersistentVolumeClaim", [])]
-            expect(claim in pvcs, w, f"PVC {claim} is not part of the kustomization")
-            expect(spec.get("strategy", {}).get("type") == "Recreate", w,
-                   "with a ReadWriteOnce PVC the strategy must be Recreate (a rolling update would deadlock on the volume)")
+        # Each pod keeps its own copy of the last applied state; one ReadWriteOnce claim cannot be
+        # mounted by pods on several nodes, nor written by several replicas at once.
+        expect("emptyDir" in vol, w, "the state volume must be an emptyDir: each replica keeps its own copy, the shared state is in etcd")
 
     ann = spec["template"]["metadata"].get("annotations", {})
     expect(ann.get("prometheus.io/scrape") == "true", w, "pod annotation prometheus.io/scrape must be \"true\"")
@@ -166,7 +230,6 @@ def check_kubernetes(rendered):
 
     # Service and ServiceMonitor.
     w = "service.yaml"
-    pod_labels = spec["template"]["metadata"].get("labels", {})
     expect(spec["selector"]["matchLabels"].items() <= pod_labels.items(), "deployment.yaml", "selector does not match the pod's labels")
     expect(svc["spec"]["selector"].items() <= pod_labels.items(), w, "selector does not match the pod's labels")
     sports = {p["name"]: p for p in svc["spec"]["ports"]}
@@ -188,7 +251,95 @@ def check_kubernetes(rendered):
     w = "secret.example.yaml"
     for k, v in (example.get("stringData") or {}).items():
         expect("REPLACE" in str(v), w, f"{k} must be a placeholder (REPLACE-ME...), never a real value")
+    expect(not [d for d in docs if d["kind"] == "StatefulSet"], "kustomization",
+           "the example etcd is opt-in: components/etcd must not be part of the default kustomization")
     return cfg
+
+
+def check_etcd_component(cfg, rendered):
+    """components/etcd: a Component whose 3-member etcd is the one the ConfigMap's endpoints name."""
+    w = "components/etcd/kustomization.yaml"
+    with open(os.path.join(ETCD_COMPONENT, "kustomization.yaml")) as f:
+        kust = yaml.safe_load(f)
+    expect(kust.get("kind") == "Component" and kust.get("apiVersion") == "kustomize.config.k8s.io/v1alpha1", w,
+           "must be a kustomize Component (apiVersion kustomize.config.k8s.io/v1alpha1)")
+    docs = load_resources(rendered, ETCD_COMPONENT)
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    sts = [d for d in by_kind.get("StatefulSet", []) if d["metadata"]["name"] == "etcd"]
+    if not expect(len(sts) == 1, w, "expected one StatefulSet etcd"):
+        return
+    sts = sts[0]
+    w = "components/etcd/statefulset.yaml"
+    spec = sts["spec"]
+    name = sts["metadata"]["name"]
+    replicas = spec.get("replicas", 1)
+    expect(replicas == 3, w, f"replicas {replicas}: the example is a 3-member cluster")
+    expect(spec.get("podManagementPolicy") == "Parallel", w,
+           "podManagementPolicy must be Parallel: with OrderedReady etcd-0 waits for a quorum that never forms")
+    pod_labels = spec["template"]["metadata"].get("labels", {})
+    services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
+    headless = services.get(spec.get("serviceName"))
+    if expect(headless is not None, w, f"serviceName {spec.get('serviceName')!r} is not a Service of the component"):
+        hs = headless["spec"]
+        expect(hs.get("clusterIP") == "None", w, f"Service {spec['serviceName']} must be headless (clusterIP: None)")
+        expect(hs.get("publishNotReadyAddresses") is True, w,
+               f"Service {spec['serviceName']} needs publishNotReadyAddresses: the members resolve each other before they are ready")
+        expect(selects(hs.get("selector", {}), pod_labels), w, f"Service {spec['serviceName']} does not select the etcd pods")
+    svc_name = spec.get("serviceName")
+    clients = [n for n, s in services.items() if n != svc_name and s["spec"].get("clusterIP") != "None"
+               and selects(s["spec"].get("selector", {}), pod_labels)]
+    expect(clients, "components/etcd/service.yaml", "no client Service (ClusterIP) selects the etcd pods")
+    c = spec["template"]["spec"]["containers"][0]
+    expect(re.fullmatch(r"(quay\.io/coreos|gcr\.io/etcd-development)/etcd:v3\.5\.\d+", c.get("image", "")), w,
+           f"image {c.get('image')!r} is not an etcd v3.5 release image")
+    flags = flag_values(c.get("command", []) + c.get("args", []))
+    env = {e["name"]: e for e in c.get("env", [])}
+    expect(env.get("POD_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name", w,
+           "POD_NAME must come from the pod's metadata.name")
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    client_port, peer_port = ports.get("client"), ports.get("peer")
+    expect(client_port and peer_port, w, "container ports client and peer are missing")
+    members = [f"{name}-{i}" for i in range(replicas)]
+    want = ",".join(f"{m}=http://{m}.{svc_name}:{peer_port}" for m in members)
+    expect(flags.get("initial-cluster") == want, w, f"--initial-cluster must be {want}")
+    expect(flags.get("name") == "$(POD_NAME)", w, "--name must be $(POD_NAME)")
+    expect(flags.get("initial-advertise-peer-urls") == f"http://$(POD_NAME).{svc_name}:{peer_port}", w,
+           "--initial-advertise-peer-urls must be the member's own name in the headless Service")
+    expect(flags.get("advertise-client-urls") == f"http://$(POD_NAME).{svc_name}:{client_port}", w,
+           "--advertise-client-urls must be the member's own name in the headless Service")
+    expect(flags.get("listen-client-urls") == f"http://0.0.0.0:{client_port}", w, "--listen-client-urls must be on all interfaces")
+    expect(flags.get("listen-peer-urls") == f"http://0.0.0.0:{peer_port}", w, "--listen-peer-urls must be on all interfaces")
+    expect(flags.get("initial-cluster-state") == "new", w, "--initial-cluster-state must be new")
+    data_dir = flags.get("data-dir", "")
+    mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+    claims = {t["metadata"]["name"] for t in spec.get("volumeClaimTemplates", [])}
+    expect(any(n in claims and data_dir.startswith(p.rstrip("/") + "/") for n, p in mounts.items()), w,
+           f"--data-dir {data_dir} is not under a volume from volumeClaimTemplates")
+    for probe in ("readinessProbe", "livenessProbe"):
+        expect(probe in c, w, f"{probe} is missing")
+    pdbs = [p for p in by_kind.get("PodDisruptionBudget", []) if selects(p["spec"].get("selector", {}), pod_labels)]
+    if expect(pdbs, "components/etcd/pdb.yaml", "no PodDisruptionBudget selects the etcd pods"):
+        expect(pdbs[0]["spec"].get("maxUnavailable") == 1, "components/etcd/pdb.yaml", "maxUnavailable must be 1: a quorum of 2 of 3")
+
+    # The ConfigMap's endpoints are these members.
+    if cfg:
+        endpoints = cfg.get("store", {}).get("endpoints", [])
+        want = [f"http://{m}.{svc_name}:{client_port}" for m in members]
+        expect(endpoints == want, "configmap.yaml", f"[store] endpoints {endpoints} are not components/etcd's members {want}")
+
+    # The NetworkPolicy lets the vastshift pods reach the client port.
+    w = "components/etcd/networkpolicy.yaml"
+    nps = [n for n in by_kind.get("NetworkPolicy", []) if selects(n["spec"].get("podSelector", {}), pod_labels)]
+    if nps:
+        vastshift_pod = {"app.kubernetes.io/name": "vastshift"}
+        ok = any(
+            any(p.get("port") in (client_port, "client") for p in rule.get("ports", [{"port": client_port}]))
+            and any(selects(fr.get("podSelector", {}), vastshift_pod) for fr in rule.get("from", []))
+            for n in nps for rule in n["spec"].get("ingress", [])
+        )
+        expect(ok, w, f"no ingress rule lets the vastshift pods reach etcd's client port {client_port}")
 
 
 def check_compose():
@@ -196,7 +347,11 @@ def check_compose():
     with open(os.path.join(ROOT, "deploy", "docker-compose.yml")) as f:
         compose = yaml.safe_load(f)
     services = compose["services"]
-    vs = services.get("vastshift", {})
+    replicas = {n: s for n, s in services.items() if s.get("command", [None])[0] == "serve"}
+    if not expect("vastshift" in replicas and len(replicas) >= 2, w,
+                  f"expected two vastshift replicas, one named vastshift; got {sorted(replicas)}"):
+        return
+    vs = replicas["vastshift"]
     env = vs.get("environment", {})
     cfg_path = env.get("VASTSHIFT_CONFIG", "")
     host_cfg = None
@@ -221,27 +376,100 @@ def check_compose():
             expect("--listen" in cmd and cmd[cmd.index("--listen") + 1].endswith(":" + port), w,
                    f"service {host} does not listen on port {port}")
             expect("--name" in cmd and cmd[cmd.index("--name") + 1] == backend, w, f"service {host} is not the {backend} demo backend")
-    token = env.get("VASTSHIFT_ADMIN_TOKEN", "")
-    expect(token.startswith("${VASTSHIFT_ADMIN_TOKEN"), w, "the admin token must come from the environment (with a demo default)")
-    admin_port = port_of(cfg.get("server", {}).get("admin_listen", "127.0.0.1:9901"))
+    server = cfg.get("server", {})
+    listen_port = port_of(server.get("listen", "0.0.0.0:8080"))
+    admin_port = port_of(server.get("admin_listen", "127.0.0.1:9901"))
+
+    # The replicas: one config file, their own state, their own ops port on the host.
+    host_ports, state_volumes, hostnames = [], [], []
+    for name, r in sorted(replicas.items()):
+        renv = r.get("environment", {})
+        expect(renv == env, w, f"service {name}'s environment differs from vastshift's (one config for both replicas)")
+        vols = r.get("volumes", [])
+        expect(any(v.split(":")[1] == cfg_path.rsplit("/", 1)[0] for v in vols if v.count(":") >= 1), w,
+               f"service {name} does not mount the config folder")
+        state = [v.split(":")[0] for v in vols if v.split(":")[1].rstrip("/") == "/var/lib/vastshift"]
+        state_volumes.extend(state)
+        hostnames.append(r.get("hostname", name))
+        for p in r.get("ports", []):
+            parts = str(p).split(":")
+            if int(parts[-1]) == admin_port:
+                host_ports.append(parts[-2])
+            expect(int(parts[-1]) != listen_port, w, f"service {name} publishes its proxy port: clients go through the load balancer")
+        expect(r.get("stop_grace_period") is not None, w, f"service {name} needs a stop_grace_period above shutdown_grace_secs")
+        token = renv.get("VASTSHIFT_ADMIN_TOKEN", "")
+        expect(token.startswith("${VASTSHIFT_ADMIN_TOKEN"), w, f"{name}: the admin token must come from the environment (with a demo default)")
+    expect(len(set(state_volumes)) == len(state_volumes), w, f"the replicas share a state volume {state_volumes}: each keeps its own copy")
+    expect(len(set(hostnames)) == len(hostnames), w, f"replica hostnames (their replica ids) repeat: {hostnames}")
+    expect(len(host_ports) == len(replicas) == len(set(host_ports)), w,
+           f"each replica's ops port needs its own host port (9901, 9902); got {host_ports}")
+
+    # The store: kind etcd, at the compose etcd service, which listens there.
+    store = cfg.get("store", {})
+    expect(store.get("kind") == "etcd", rel, "[store] kind must be \"etcd\": the two replicas share their state")
+    expect(store.get("replica_id", "") == "", rel, "[store] replica_id must stay empty: both replicas read this file")
+    for ep in store.get("endpoints", []):
+        m = re.match(r"https?://([^:/]+):(\d+)$", ep)
+        if not expect(m, rel, f"[store] endpoint {ep!r} has no host:port"):
+            continue
+        host, port = m.group(1), m.group(2)
+        etcd = services.get(host)
+        if expect(etcd is not None, rel, f"[store] endpoint points at {host}, not a compose service"):
+            flags = flag_values(etcd.get("command", []))
+            expect(flags.get("listen-client-urls") == f"http://0.0.0.0:{port}", w,
+                   f"service {host}: --listen-client-urls must be http://0.0.0.0:{port}")
+            expect(flags.get("advertise-client-urls") == f"http://{host}:{port}", w,
+                   f"service {host}: --advertise-client-urls must be http://{host}:{port}")
+            expect(etcd.get("image", "").startswith("quay.io/coreos/etcd:v3.5."), w, f"service {host} is not an etcd v3.5 image")
+            for name, r in replicas.items():
+                expect(host in r.get("depends_on", []), w, f"service {name} does not depend on {host}")
+    for key in ("username_env", "password_env"):
+        var = store.get(key, "")
+        expect(not var or var in env, rel, f"[store] {key} names {var}, which the replicas' environment does not set")
+
+    # The load balancer in front of both.
+    lbs = [(n, s) for n, s in services.items() if str(s.get("image", "")).startswith("nginx:")]
+    if expect(len(lbs) == 1, w, "expected one nginx load balancer service"):
+        name, lb = lbs[0]
+        conf = None
+        for vol in lb.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.endswith(".conf"):
+                conf = os.path.join(ROOT, "deploy", src)
+        if expect(conf and os.path.exists(conf), w, f"service {name} mounts no nginx .conf of the repo"):
+            with open(conf) as f:
+                text = f.read()
+            servers = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", text, re.M)
+            want = sorted((n, str(listen_port)) for n in replicas)
+            expect(sorted(servers) == want, os.path.relpath(conf, ROOT), f"upstream servers {sorted(servers)} are not the replicas {want}")
+            listens = re.findall(r"^\s*listen\s+(\d+)\s*;", text, re.M)
+            published = [str(p).split(":")[-1] for p in lb.get("ports", [])]
+            expect(listens and all(p in listens for p in published), w, f"service {name} publishes {published}, nginx listens on {listens}")
+            expect(text.count("{") == text.count("}"), os.path.relpath(conf, ROOT), "unbalanced braces")
+            for n in replicas:
+                expect(n in lb.get("depends_on", []), w, f"service {name} does not depend on {n}")
+
     with open(os.path.join(ROOT, "deploy", "prometheus", "prometheus.yml")) as f:
         prom = yaml.safe_load(f)
     targets = [t for sc in prom["scrape_configs"] for st in sc.get("static_configs", []) for t in st["targets"]]
-    expect(f"vastshift:{admin_port}" in targets, "prometheus.yml", f"no scrape target vastshift:{admin_port}")
+    for n in replicas:
+        expect(f"{n}:{admin_port}" in targets, "prometheus.yml", f"no scrape target {n}:{admin_port}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rendered", help="output of kubectl kustomize deploy/kubernetes")
+    ap.add_argument("--rendered-etcd", help="output of kubectl kustomize of deploy/kubernetes with components/etcd")
     args = ap.parse_args()
-    check_kubernetes(args.rendered)
+    cfg = check_kubernetes(args.rendered)
+    check_etcd_component(cfg, args.rendered_etcd)
     check_compose()
     for p in problems:
         print(f"  PROBLEM {p}")
     if problems:
         print(f"  {len(problems)} problem(s)")
         return 1
-    print("  manifests, ConfigMap config, Secret template, compose and scrape config agree")
+    print("  manifests, ConfigMap config, Secret template, etcd component, compose and scrape config agree")
     return 0
 
 
