@@ -717,3 +717,120 @@ async fn an_unreachable_endpoint_list_is_reported_and_serving_goes_on() {
     let w = put_split(&r, 10.0, "x").await;
     assert_eq!(w.status(), 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_drift_is_flagged_and_the_cli_shows_every_replica() {
+    let etcd = Etcd::start().await;
+    let all = replicas(&etcd, "drift", 2, "").await;
+    // r1 reloads a file whose guard differs: its config hash no longer matches the leader's.
+    let leader = all[0].admin_json("/admin/cluster").await["leader"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let drifting = if leader == "r0" { &all[1] } else { &all[0] };
+    let drifting_id = if leader == "r0" { "r1" } else { "r0" };
+    let text = std::fs::read_to_string(&drifting.config_path).unwrap();
+    drifting.write_config(&format!("{text}\n[guard]\nmin_requests = 99\n"));
+    assert!(
+        eventually(10.0, || async {
+            let c = all[0].admin_json("/admin/cluster").await;
+            c["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["id"] == drifting_id && r["config_drift"] == true)
+        })
+        .await,
+        "drift never flagged: {}",
+        all[0].admin_json("/admin/cluster").await
+    );
+    assert!(
+        eventually(5.0, || async {
+            drifting.metric("vastshift_cluster_config_drift").await == 1.0
+        })
+        .await
+    );
+    let out = tokio::process::Command::new(BIN)
+        .args(["cluster", "--admin", &drifting.admin_url("")])
+        .env("VASTSHIFT_ADMIN_TOKEN", TOKEN)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "drift exits 1: {text}");
+    assert!(text.starts_with("store: etcd connected"), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("replica ")).count(),
+        2,
+        "{text}"
+    );
+    assert!(
+        text.contains("CONFIG DRIFT") && text.contains("[leader"),
+        "{text}"
+    );
+    let out = tokio::process::Command::new(BIN)
+        .args(["status", "--admin", &drifting.admin_url("")])
+        .env("VASTSHIFT_ADMIN_TOKEN", TOKEN)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("replica ")).count(),
+        2,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_with_auth_takes_the_right_credentials_and_names_the_wrong_ones() {
+    let etcd = Etcd::start().await;
+    let t = Duration::from_secs(10);
+    for (path, body) in [
+        (
+            "/v3/auth/user/add",
+            serde_json::json!({"name": "root", "password": "s3cret-pw"}),
+        ),
+        ("/v3/auth/role/add", serde_json::json!({"name": "root"})),
+        (
+            "/v3/auth/user/grant",
+            serde_json::json!({"user": "root", "role": "root"}),
+        ),
+        ("/v3/auth/enable", serde_json::json!({})),
+    ] {
+        etcd.call(path, body, t).await.unwrap();
+    }
+    let auth = "username_env = \"ETCD_USER\"\npassword_env = \"ETCD_PASS\"\n";
+    let good = Kit::with(format!("{}{auth}", store(&etcd.endpoint(), "auth", "good")))
+        .env("ETCD_USER", "root")
+        .env("ETCD_PASS", "s3cret-pw")
+        .await;
+    assert!(eventually(10.0, || async { cluster_ready(&good, 1).await }).await);
+    assert_eq!(put_split(&good, 15.0, "authenticated").await.status(), 200);
+    let bad = Kit::with(format!("{}{auth}", store(&etcd.endpoint(), "auth", "bad")))
+        .legacy_url(good.legacy().url())
+        .vastai_url(good.vastai().url())
+        .env("ETCD_USER", "root")
+        .env("ETCD_PASS", "wrong-pw")
+        .await;
+    assert!(
+        eventually(5.0, || async {
+            bad.open_json("/health").await["store"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("authentication failed") && e.contains("root"))
+        })
+        .await,
+        "{}",
+        bad.open_json("/health").await
+    );
+    let health = bad.open_json("/health").await.to_string();
+    let cluster = bad.admin_json("/admin/cluster").await.to_string();
+    for doc in [&health, &cluster] {
+        assert!(
+            !doc.contains("wrong-pw") && !doc.contains("s3cret"),
+            "a secret leaked: {doc}"
+        );
+    }
+    assert_eq!(bad.get("/").await.status(), 200, "serving goes on");
+    assert_eq!(put_split(&bad, 20.0, "refused").await.status(), 503);
+}
