@@ -15,7 +15,8 @@
 //!   answers.
 //!
 //! Writes are a compare-and-swap on the state key's revision ([`Cluster::write`]): a writer that
-//! lost re-reads the stored state and applies the same [`Op`] to it.
+//! lost re-reads the stored state and applies the same
+//! [`Op`](crate::control::Op) to it.
 //!
 //! - [`etcd`]: the v3 API through etcd's JSON gateway.
 //! - [`write`]: the committer (compare-and-swap, re-applied on a conflict) and the writer of
@@ -25,11 +26,11 @@
 //!   [`Peers`](crate::control::supervisor::Peers).
 //! - [`view`]: replica records, the cluster document and the config hash.
 
-mod beat;
+pub mod beat;
 pub mod etcd;
 pub mod view;
-mod watching;
-mod write;
+pub mod watching;
+pub mod write;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,6 +1,6 @@
 //! The changes of routing state an operator, the guard or the ramp asks for, as values.
 //!
-//! An [`Op`] is applied to control's state by [`apply`], a pure function of the state and the
+//! An [`Op`] is applied to control's state by `apply`, a pure function of the state and the
 //! config file. Because it is a value, the same operation can be applied again to another copy
 //! of the state: a shared store's compare-and-swap that lost to another replica re-reads the
 //! stored state and applies the operation to that (SPEC §9), so no update is lost and each
