@@ -19,7 +19,7 @@
 //! [`Op`](crate::control::Op) to it.
 //!
 //! - [`etcd`]: the v3 API through etcd's JSON gateway.
-//! - [`write`]: the committer (compare-and-swap, re-applied on a conflict) and the writer of
+//! - [`commit`]: the committer (compare-and-swap, re-applied on a conflict) and the writer of
 //!   pending rollbacks.
 //! - [`watching`]: the watch over the prefix.
 //! - [`beat`]: the heartbeat, the claim of the replica id, the leader and
@@ -27,10 +27,10 @@
 //! - [`view`]: replica records, the cluster document and the config hash.
 
 pub mod beat;
+pub mod commit;
 pub mod etcd;
 pub mod view;
 pub mod watching;
-pub mod write;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,10 +44,10 @@ use crate::control::store::PersistedState;
 use crate::control::{Control, ControlError};
 use crate::metrics::{Metrics, StoreOp, StoreResult};
 use crate::safety::guard::Verdict;
+use commit::Queued;
 use etcd::{Credentials, Etcd, EtcdError};
 use view::View;
 pub use view::{ClusterDocument, ReplicaRecord};
-use write::Queued;
 
 /// Why the cluster could not be set up.
 #[derive(Debug, thiserror::Error)]
