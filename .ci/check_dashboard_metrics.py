@@ -56,6 +56,11 @@ SPEC_METRICS = {
     # clients that broke, abandoned or stalled their request bodies.
     "vastshift_state_write_failures_total": ("counter", {}),
     "vastshift_client_errors_total": ("counter", {"kind": {"framing", "aborted", "timeout"}}),
+    # SPEC section 12: requests vastai had no capacity for, served by legacy.
+    "vastshift_spills_total": ("counter", {
+        "route": None,
+        "reason": {"rate_limited", "no_worker", "instance_down", "unhealthy"},
+    }),
     # SPEC section 9 (many replicas, the etcd store), exported with either store kind.
     "vastshift_store_connected": ("gauge", {}),
     "vastshift_store_revision": ("gauge", {}),

@@ -185,6 +185,19 @@ pub fn render_status(r: &Value) -> String {
         "ramp: {}\n",
         r["ramp"]["state"].as_str().unwrap_or("idle")
     ));
+    if let Some(s) = r["serverless"].as_object() {
+        out.push_str(&format!(
+            "serverless endpoint {}: {}, {} session(s)\n",
+            s.get("endpoint").and_then(Value::as_str).unwrap_or("?"),
+            match s.get("cold_secs").and_then(Value::as_u64) {
+                Some(secs) if s.get("cold") == Some(&Value::Bool(true)) => {
+                    format!("COLD for {secs} s (requests spill to legacy, one probe at a time)")
+                }
+                _ => "warm".to_string(),
+            },
+            s.get("sessions").and_then(Value::as_u64).unwrap_or(0)
+        ));
+    }
     if r["cluster"].is_object() {
         out.push_str(&render_cluster(&r["cluster"]));
     }

@@ -109,6 +109,8 @@ pub struct Metrics {
     state_write_failures: IntCounter,
     /// Requests whose client broke, abandoned or stalled its body, by kind.
     client_errors: IntCounterVec,
+    /// Requests vastai had no capacity for, served by legacy, by route and reason (SPEC §12).
+    spills: IntCounterVec,
     /// The shared store and the cluster (SPEC §9); with the file store: connected, one replica,
     /// its own leader.
     store: StoreGauges,
@@ -326,6 +328,17 @@ impl Metrics {
             client_errors.with_label_values(&[k]);
         }
         let store = StoreGauges::new(&registry)?;
+        let spills = IntCounterVec::new(
+            Opts::new(
+                "vastshift_spills_total",
+                "Requests vastai had no capacity for (rate limited, no ready worker, instance down, unhealthy), served by legacy; not vastai errors.",
+            ),
+            &["route", "reason"],
+        )?;
+        registry.register(Box::new(spills.clone()))?;
+        for r in crate::vocab::Spill::ALL {
+            spills.with_label_values(&["default", r.as_str()]);
+        }
         for c in [
             &requests,
             &upstream_errors,
@@ -385,8 +398,22 @@ impl Metrics {
             in_flight,
             state_write_failures,
             client_errors,
+            spills,
             store,
         })
+    }
+
+    /// A request spilled to legacy for want of vastai capacity.
+    pub fn spill(&self, route: &str, reason: crate::vocab::Spill) {
+        self.spills
+            .with_label_values(&[route, reason.as_str()])
+            .inc();
+    }
+
+    pub fn spills(&self, route: &str, reason: crate::vocab::Spill) -> u64 {
+        self.spills
+            .with_label_values(&[route, reason.as_str()])
+            .get()
     }
 
     pub fn set_store_connected(&self, connected: bool) {

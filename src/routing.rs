@@ -237,6 +237,14 @@ impl StickyKey<'_> {
             StickyKey::Ip(ip) => bucket_for(salt, &ip.to_string()),
         }
     }
+
+    /// The key as a string, for what keeps state per key (Serverless sessions).
+    pub fn to_owned_string(&self) -> String {
+        match self {
+            StickyKey::Borrowed(k) => (*k).to_string(),
+            StickyKey::Ip(ip) => ip.to_string(),
+        }
+    }
 }
 
 /// MurmurHash3 x86_32 of `salt:key` (seed 0), mod 10000.

@@ -82,3 +82,35 @@ mod tests {
         assert_eq!(Backend::parse("Legacy"), None);
     }
 }
+
+/// Why a request vastai was chosen for went to legacy because vastai had no capacity (SPEC §12):
+/// not a failure, and not a vastai request for the guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spill {
+    /// vastai answered 429 (a worker's queue is full).
+    RateLimited,
+    /// The Serverless router had no ready worker within `max_wait_secs`, or the endpoint is cold.
+    NoWorker,
+    /// The Vast.ai instance is not running.
+    InstanceDown,
+    /// vastai is marked unhealthy.
+    Unhealthy,
+}
+
+impl Spill {
+    pub const ALL: [Spill; 4] = [
+        Spill::RateLimited,
+        Spill::NoWorker,
+        Spill::InstanceDown,
+        Spill::Unhealthy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Spill::RateLimited => "rate_limited",
+            Spill::NoWorker => "no_worker",
+            Spill::InstanceDown => "instance_down",
+            Spill::Unhealthy => "unhealthy",
+        }
+    }
+}

@@ -545,4 +545,58 @@ mod tests {
         .expect_err("no key");
         assert!(err.to_string().contains("vastai.api_key_env"), "{err}");
     }
+
+    #[test]
+    fn serverless_defaults_fit_generation_and_bad_keys_are_named() {
+        let base = "[legacy]\nurl = \"http://x\"\n[vastai]\nmode = \"serverless\"\nendpoint = \"e\"\napi_key_env = \"K\"\n";
+        let c = parse(base, ".".into()).expect("valid");
+        assert_eq!(c.vastai.settings.timeout, Duration::from_secs(600));
+        match c.vastai.mode {
+            VastaiMode::Serverless(s) => {
+                assert_eq!(s.cost_pointer.as_deref(), Some("/max_tokens"));
+                assert_eq!(s.session_lifetime, Some(Duration::from_secs(300)));
+                assert_eq!(s.max_sessions, 10_000);
+                assert_eq!(s.api_url.to_string(), "https://console.vast.ai");
+            }
+            other => panic!("{other:?}"),
+        }
+        let off = parse(
+            &format!("{base}cost_pointer = \"\"\nsession_lifetime_secs = 0\n"),
+            ".".into(),
+        )
+        .expect("valid");
+        match off.vastai.mode {
+            VastaiMode::Serverless(s) => {
+                assert_eq!((s.cost_pointer, s.session_lifetime), (None, None))
+            }
+            other => panic!("{other:?}"),
+        }
+        for (extra, field) in [
+            ("cost_pointer = \"max_tokens\"\n", "vastai.cost_pointer"),
+            ("max_sessions = 0\n", "vastai.max_sessions"),
+            ("strip_path_prefix = \"/v1\"\n", "vastai.strip_path_prefix"),
+        ] {
+            let err = parse(&format!("{base}{extra}"), ".".into()).expect_err(extra);
+            assert!(err.to_string().contains(field), "{err}");
+        }
+        let direct = "[legacy]\nurl = \"http://x\"\n[vastai]\nurl = \"http://y/e\"\n";
+        assert_eq!(
+            parse(direct, ".".into())
+                .expect("valid")
+                .vastai
+                .settings
+                .timeout,
+            Duration::from_secs(60)
+        );
+        for (extra, field) in [
+            ("strip_path_prefix = \"v1/\"\n", "vastai.strip_path_prefix"),
+            (
+                "session_lifetime_secs = 5\n",
+                "vastai.session_lifetime_secs",
+            ),
+        ] {
+            let err = parse(&format!("{direct}{extra}"), ".".into()).expect_err(extra);
+            assert!(err.to_string().contains(field), "{err}");
+        }
+    }
 }

@@ -45,7 +45,12 @@ pub(super) struct RawUpstream {
     endpoint: Option<String>,
     route_url: Option<String>,
     cost: Option<f64>,
+    cost_pointer: Option<String>,
     max_wait_secs: Option<u64>,
+    session_lifetime_secs: Option<u64>,
+    max_sessions: Option<usize>,
+    #[serde(default)]
+    strip_path_prefix: String,
 }
 
 fn default_health_path() -> String {
@@ -79,6 +84,30 @@ pub struct UpstreamSettings {
     pub tls_insecure_skip_verify: bool,
     /// The variable holding vastai's key (`Authorization: Bearer`); never the key itself.
     pub api_key_env: Option<String>,
+    /// Taken off the front of a client's path before the base URL's own path is put in front
+    /// (`/v1` for Vast.ai's OpenAI-compatible endpoint); empty: nothing is taken off.
+    pub strip_path_prefix: String,
+}
+
+impl UpstreamSettings {
+    /// Appends the client's target to `dst` with `strip_path_prefix` taken off when it starts
+    /// with it as whole segments (`/v1/chat` and `/v1?x` yes, `/v10` no); `/` stands for an
+    /// empty path.
+    pub fn push_target(&self, dst: &mut Vec<u8>, target: &[u8]) {
+        let prefix = self.strip_path_prefix.as_bytes();
+        let rest = match target.strip_prefix(prefix) {
+            Some(rest)
+                if !prefix.is_empty() && matches!(rest.first(), None | Some(b'/' | b'?')) =>
+            {
+                rest
+            }
+            _ => target,
+        };
+        if !rest.starts_with(b"/") {
+            dst.push(b'/');
+        }
+        dst.extend_from_slice(rest);
+    }
 }
 
 /// `[legacy]`.
@@ -132,9 +161,20 @@ pub struct InstanceMode {
 pub struct ServerlessMode {
     pub endpoint: String,
     pub route_url: Uri,
-    /// The load each request is announced with to the router.
+    /// The console where the endpoint's own key is looked up with the account key
+    /// (`GET {api_url}/api/v0/endptjobs/`), as the Vast.ai SDK does.
+    pub api_url: BaseUrl,
+    /// The load a request is announced with when its payload has none at `cost_pointer`.
     pub cost: f64,
+    /// Where in the client's JSON the request's cost is, in the worker's units (RFC 6901;
+    /// `/max_tokens` by default, for LLM workers); `None`: always `cost`.
+    pub cost_pointer: Option<String>,
     pub max_wait: Duration,
+    /// With `split.sticky` set: one worker session per sticky key, kept this long after its
+    /// last use (`None`: no sessions).
+    pub session_lifetime: Option<Duration>,
+    /// Most sessions kept at once; the least recently used one is ended first.
+    pub max_sessions: usize,
 }
 
 /// Parses a URL key, naming the field when it is wrong.
@@ -162,6 +202,15 @@ impl RawUpstream {
         if !self.health_path.starts_with('/') {
             return Err(invalid(format!("{side}.health_path"), "must start with /"));
         }
+        let strip = &self.strip_path_prefix;
+        if !strip.is_empty()
+            && (!strip.starts_with('/') || strip.ends_with('/') || strip.contains(['?', '#']))
+        {
+            return Err(invalid(
+                format!("{side}.strip_path_prefix"),
+                format!("must look like /v1 (a leading /, no trailing /), got {strip:?}"),
+            ));
+        }
         if self.health_interval_ms < 100 {
             return Err(invalid(
                 format!("{side}.health_interval_ms"),
@@ -185,6 +234,7 @@ impl RawUpstream {
             ca_file: (!self.ca_file.is_empty()).then(|| super::resolve(base_dir, &self.ca_file)),
             tls_insecure_skip_verify: self.tls_insecure_skip_verify,
             api_key_env: self.api_key_env.clone(),
+            strip_path_prefix: self.strip_path_prefix.clone(),
         })
     }
 
@@ -205,7 +255,13 @@ impl RawUpstream {
             ("endpoint", self.endpoint.is_some()),
             ("route_url", self.route_url.is_some()),
             ("cost", self.cost.is_some()),
+            ("cost_pointer", self.cost_pointer.is_some()),
             ("max_wait_secs", self.max_wait_secs.is_some()),
+            (
+                "session_lifetime_secs",
+                self.session_lifetime_secs.is_some(),
+            ),
+            ("max_sessions", self.max_sessions.is_some()),
         ];
         if let Some((key, _)) = vastai_only.iter().find(|(_, set)| *set) {
             return Err(invalid(
@@ -221,8 +277,36 @@ impl RawUpstream {
 
     /// `[vastai]`: connection settings and the mode with its own keys.
     pub(super) fn into_vastai(self, base_dir: &Path) -> Result<VastaiConfig, ConfigError> {
-        let settings = self.settings("vastai", base_dir, 2000, 60_000)?;
         let name = self.mode.unwrap_or(ModeName::Direct);
+        // A Serverless worker generates before it answers: the SDK waits 600 s for it.
+        let timeout = if name == ModeName::Serverless {
+            600_000
+        } else {
+            60_000
+        };
+        let settings = self.settings("vastai", base_dir, 2000, timeout)?;
+        let sessions_only = [
+            ("cost_pointer", self.cost_pointer.is_some()),
+            (
+                "session_lifetime_secs",
+                self.session_lifetime_secs.is_some(),
+            ),
+            ("max_sessions", self.max_sessions.is_some()),
+        ];
+        if name != ModeName::Serverless {
+            if let Some((key, _)) = sessions_only.iter().find(|(_, set)| *set) {
+                return Err(invalid(
+                    format!("vastai.{key}"),
+                    "is only used in serverless mode",
+                ));
+            }
+        }
+        if name == ModeName::Serverless && !self.strip_path_prefix.is_empty() {
+            return Err(invalid(
+                "vastai.strip_path_prefix",
+                "is not used in serverless mode (the worker gets the client's path)",
+            ));
+        }
         if name != ModeName::Direct && self.url.is_some() {
             return Err(invalid("vastai.url", "is only used in direct mode"));
         }
@@ -290,11 +374,38 @@ impl RawUpstream {
         if self.max_wait_secs == Some(0) {
             return Err(invalid("vastai.max_wait_secs", "must be above 0"));
         }
+        let cost_pointer = match self.cost_pointer.as_deref() {
+            None => Some("/max_tokens".to_string()),
+            Some("") => None,
+            Some(p) if p.starts_with('/') => Some(p.to_string()),
+            Some(p) => {
+                return Err(invalid(
+                    "vastai.cost_pointer",
+                    format!("{p:?} is not a JSON pointer (RFC 6901 pointers start with /); \"\" turns it off"),
+                ))
+            }
+        };
+        if self.max_sessions == Some(0) {
+            return Err(invalid(
+                "vastai.max_sessions",
+                "must be above 0 (session_lifetime_secs = 0 turns sessions off)",
+            ));
+        }
         Ok(ServerlessMode {
             endpoint,
             route_url,
+            api_url: url(
+                "vastai.api_url",
+                self.api_url.as_deref().unwrap_or(DEFAULT_API_URL),
+            )?,
             cost,
+            cost_pointer,
             max_wait: Duration::from_secs(self.max_wait_secs.unwrap_or(30)),
+            session_lifetime: match self.session_lifetime_secs.unwrap_or(300) {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
+            max_sessions: self.max_sessions.unwrap_or(10_000),
         })
     }
 }

@@ -124,6 +124,10 @@ async fn health(State(app): State<Arc<App>>) -> Response {
             "vastai": {
                 "healthy": app.health.is_healthy(Backend::Vastai),
                 "target": vastai_target,
+                "serverless": match &upstreams.vastai {
+                    VastaiUpstream::Serverless(s) => Some(s.state()),
+                    VastaiUpstream::Http(_) => None,
+                },
             },
         },
         "split": split,

@@ -58,6 +58,8 @@ pub struct StatusReport {
     pub last_reload: Option<ReloadResult>,
     /// Why the state in force is not persisted, when it is not (`split.persisted` is false).
     pub state_error: Option<String>,
+    /// The Serverless endpoint (cold or not, sessions), in serverless mode.
+    pub serverless: Option<crate::upstream::serverless::ServerlessState>,
     /// The store and every replica sharing the migration (SPEC §9).
     pub cluster: crate::cluster::ClusterDocument,
     pub checks: Vec<Check>,
@@ -219,6 +221,10 @@ pub fn report(app: &App) -> StatusReport {
         last_reload: app.reloader.last(),
         state_error: app.control.persist_error(),
         cluster: app.cluster_document(),
+        serverless: match &snapshot.upstreams.vastai {
+            crate::upstream::VastaiUpstream::Serverless(s) => Some(s.state()),
+            crate::upstream::VastaiUpstream::Http(_) => None,
+        },
         split,
         checks,
     }

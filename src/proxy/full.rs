@@ -181,6 +181,11 @@ impl Proxy {
         };
 
         let serverless = snap.upstreams.serverless();
+        // A Serverless session per sticky key keeps a user on one worker.
+        let sticky = serverless
+            .then(|| table.sticky_key(&parts.headers, client.ip))
+            .flatten()
+            .map(|k| k.to_owned_string());
         let serverless_ok = is_json_post(&parts.method, &parts.headers) && upgrade.is_none();
         let mut backend = self.place(&snap, decision.backend, serverless_ok, route_name, start);
 
@@ -221,8 +226,19 @@ impl Proxy {
             },
             None => {
                 if needs_copy && serverless {
-                    // Too large, of unknown length or past the budget to wrap: legacy serves it.
+                    // Too large, of unknown length or past the budget to wrap: legacy serves it,
+                    // counted as a fallback and said why.
                     backend = Backend::Legacy;
+                    self.metrics.fallback(route_name);
+                    tracing::info!(
+                        route = route_name,
+                        reason = if known.is_none() && body.size_hint().exact().is_none() {
+                            "the body has no length (chunked)"
+                        } else {
+                            "the body is larger than shadow.max_body_bytes or the replay budget"
+                        },
+                        "serverless: a JSON POST that cannot be wrapped whole goes to legacy"
+                    );
                 }
                 (body.boxed_unsync(), None)
             }
@@ -255,7 +271,9 @@ impl Proxy {
         let req = Request::from_parts(parts, body);
 
         let guard = InFlight::new(self.metrics.in_flight(backend));
-        let first = self.send(&snap, backend, req, replay.as_ref()).await;
+        let first = self
+            .send(&snap, backend, req, replay.as_ref(), sticky.as_deref())
+            .await;
         if let (Err(_), Some(f)) = (&first, fault.get()) {
             // The upstream call failed because the client's body did: nothing to blame on the
             // upstream, nothing to replay.
@@ -330,6 +348,7 @@ impl Proxy {
         backend: Backend,
         req: Request<Body>,
         replay: Option<&Bytes>,
+        sticky: Option<&str>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         if let Some(up) = snap.upstreams.http(backend) {
             return self.send_http(snap, up, req).await;
@@ -339,7 +358,7 @@ impl Proxy {
         };
         let payload = replay.cloned().unwrap_or_default();
         // Boxed, like every rare path here: the request future stays small to move.
-        let res = Box::pin(s.call(req.uri(), req.headers(), payload)).await;
+        let res = Box::pin(s.call(req.uri(), req.headers(), payload, sticky)).await;
         self.note_health(snap, Backend::Vastai, &res);
         res
     }

@@ -118,6 +118,17 @@ impl Proxy {
             return false;
         }
         match attempt {
+            Attempt::Failed(e) if e.spill.is_some() => {
+                // No capacity is not failure: legacy serves it, the guard never sees it.
+                if let Some(reason) = e.spill {
+                    self.metrics.spill(route.name, reason);
+                }
+                tracing::debug!(
+                    reason = e.spill.map_or("", |s| s.as_str()),
+                    "vastai had no capacity; spilled to legacy"
+                );
+                return true;
+            }
             Attempt::Answered(status) if replayable_status(method, status) => {
                 self.record(
                     snap,

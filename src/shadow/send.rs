@@ -183,7 +183,7 @@ async fn send(
                     "no upstream for the mirror",
                 ));
             };
-            let resp = s.call(&uri, &headers, body).await?;
+            let resp = s.call(&uri, &headers, body, None).await?;
             return read_answer(resp, settings).await;
         }
     };

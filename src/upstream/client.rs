@@ -109,7 +109,7 @@ impl HttpUpstream {
     ) -> Result<(Arc<BaseUrl>, Request<Body>), UpstreamError> {
         let base = self.target()?;
         let pq = req.uri().path_and_query().cloned();
-        *req.uri_mut() = origin_target(&base, pq)?;
+        *req.uri_mut() = origin_target(&base, &self.settings, pq)?;
         // Set here, from the value built with the base URL, rather than per request; with
         // `preserve_host`, the client's (an HTTP/1.0 request may have none).
         if !self.settings.preserve_host || !req.headers().contains_key(header::HOST) {
@@ -185,14 +185,18 @@ impl HttpUpstream {
 
 /// The upstream's path prefix + the client's path and query, byte for byte, in origin form.
 /// Without a prefix the client's parsed target is reused as it is.
-fn origin_target(base: &BaseUrl, pq: Option<PathAndQuery>) -> Result<Uri, UpstreamError> {
+fn origin_target(
+    base: &BaseUrl,
+    settings: &UpstreamSettings,
+    pq: Option<PathAndQuery>,
+) -> Result<Uri, UpstreamError> {
     let pq = pq.unwrap_or_else(|| PathAndQuery::from_static("/"));
-    if base.path_prefix.is_empty() {
+    if base.path_prefix.is_empty() && settings.strip_path_prefix.is_empty() {
         return Ok(Uri::from(pq));
     }
-    let mut s = String::with_capacity(base.path_prefix.len() + pq.as_str().len());
-    s.push_str(&base.path_prefix);
-    s.push_str(pq.as_str());
+    let mut s = Vec::with_capacity(base.path_prefix.len() + pq.as_str().len() + 1);
+    s.extend_from_slice(base.path_prefix.as_bytes());
+    settings.push_target(&mut s, pq.as_str().as_bytes());
     Uri::try_from(s)
         .map_err(|_| UpstreamError::new(ErrorKind::Other, "request target cannot be forwarded"))
 }
@@ -306,11 +310,21 @@ fn send_error(backend: Backend, e: &hyper::Error) -> UpstreamError {
 mod tests {
     use super::*;
 
+    fn settings(strip: &str) -> UpstreamSettings {
+        let text = format!(
+            "[legacy]\nurl = \"http://127.0.0.1:1\"\n[vastai]\nurl = \"http://127.0.0.1:2\"\nstrip_path_prefix = \"{strip}\"\n"
+        );
+        crate::config::parse(&text, ".".into())
+            .expect("valid")
+            .vastai
+            .settings
+    }
+
     #[test]
     fn targets_without_a_prefix_are_reused() {
         let base = BaseUrl::parse("http://h:81").expect("valid");
         let pq: PathAndQuery = "/a%20b?x=%2F".parse().expect("valid");
-        let uri = origin_target(&base, Some(pq)).expect("valid");
+        let uri = origin_target(&base, &settings(""), Some(pq)).expect("valid");
         assert_eq!(uri.to_string(), "/a%20b?x=%2F");
     }
 
@@ -318,7 +332,28 @@ mod tests {
     fn origin_target_keeps_prefix_path_and_query() {
         let base = BaseUrl::parse("http://h:81/v1").expect("valid");
         let pq: PathAndQuery = "/a%20b/c?x=1&y=%2F".parse().expect("valid");
-        let uri = origin_target(&base, Some(pq)).expect("valid");
+        let uri = origin_target(&base, &settings(""), Some(pq)).expect("valid");
         assert_eq!(uri.to_string(), "/v1/a%20b/c?x=1&y=%2F");
+    }
+
+    #[test]
+    fn a_stripped_prefix_goes_by_whole_segments() {
+        // Vast.ai's OpenAI-compatible endpoint stands for https://api.openai.com/v1.
+        let base = BaseUrl::parse("https://openai.vast.ai/my-endpoint").expect("valid");
+        let s = settings("/v1");
+        let target = |t: &str| {
+            let pq: PathAndQuery = t.parse().expect("valid");
+            origin_target(&base, &s, Some(pq))
+                .expect("valid")
+                .to_string()
+        };
+        assert_eq!(
+            target("/v1/chat/completions"),
+            "/my-endpoint/chat/completions"
+        );
+        assert_eq!(target("/v1?x=1"), "/my-endpoint/?x=1");
+        assert_eq!(target("/v1"), "/my-endpoint/");
+        assert_eq!(target("/v10/models"), "/my-endpoint/v10/models");
+        assert_eq!(target("/other"), "/my-endpoint/other");
     }
 }

@@ -46,6 +46,9 @@ pub struct UpstreamError {
     /// Vast.ai said no (no worker ready, key refused): legacy may serve instead, and without
     /// fallback the client gets 503.
     pub unavailable: bool,
+    /// vastai had no capacity for the request (no worker, queue full): with fallback on, legacy
+    /// serves it and it counts as a spill, not as vastai's error.
+    pub spill: Option<crate::vocab::Spill>,
 }
 
 impl UpstreamError {
@@ -54,6 +57,17 @@ impl UpstreamError {
             kind,
             message: message.into(),
             unavailable: false,
+            spill: None,
+        }
+    }
+
+    /// vastai could not take the request for want of capacity (`spill`).
+    pub fn spill(spill: crate::vocab::Spill, message: impl Into<String>) -> UpstreamError {
+        UpstreamError {
+            kind: ErrorKind::Other,
+            message: message.into(),
+            unavailable: true,
+            spill: Some(spill),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The Vast.ai `instance` mode (SPEC §6): resolves an instance's public address and port
 //! through the console API and keeps the vastai upstream's base URL current.
 //!
-//! `GET {api_url}/api/v0/instances/{id}/` (Bearer key) answers `{"instances": {...}}` with
+//! `GET {api_url}/api/v0/instances/{id}/?owner=me` (Bearer key, as the SDK asks) answers `{"instances": {...}}` with
 //! `actual_status`, `public_ipaddr` and, while running, `ports["{port}/tcp"][0].HostPort` (a
 //! string). While the instance is `running` its address is the vastai base URL and vastai is
 //! healthy; any other status removes the address and marks vastai unhealthy, so its share falls
@@ -152,7 +152,7 @@ pub async fn resolve(
 ) -> Result<Resolved, ResolveError> {
     let id = mode.instance_id;
     let url: Uri = format!(
-        "{}/api/v0/instances/{id}/",
+        "{}/api/v0/instances/{id}/?owner=me",
         mode.api_url.to_string().trim_end_matches('/')
     )
     .parse()
@@ -254,5 +254,23 @@ mod tests {
             parse_instance(&json!({"instances": null}), 8080, Scheme::HTTP),
             Resolved::NotRunning(_)
         ));
+        // Every state but running counts as down, even with an address and a port mapping.
+        for state in [
+            "loading",
+            "created",
+            "offline",
+            "stopped",
+            "scheduling",
+            "unknown",
+            "Running",
+        ] {
+            let body = json!({"instances": {"actual_status": state, "public_ipaddr": "1.2.3.4",
+                "ports": {"8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": "33526"}]}}});
+            assert_eq!(
+                parse_instance(&body, 8080, Scheme::HTTP),
+                Resolved::NotRunning(state.into()),
+                "{state}"
+            );
+        }
     }
 }

@@ -279,7 +279,11 @@ impl Exchange<'_> {
         dst.extend_from_slice(self.head.method.as_str().as_bytes());
         dst.push(b' ');
         dst.extend_from_slice(base.path_prefix.as_bytes());
-        dst.extend_from_slice(slice(buf, self.head.target));
+        if up.settings.strip_path_prefix.is_empty() {
+            dst.extend_from_slice(slice(buf, self.head.target));
+        } else {
+            up.settings.push_target(dst, slice(buf, self.head.target));
+        }
         dst.extend_from_slice(b" HTTP/1.1\r\n");
         let host = self.head.host.map(|h| slice(buf, h));
         if !up.settings.preserve_host {
