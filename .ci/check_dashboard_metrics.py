@@ -56,6 +56,23 @@ SPEC_METRICS = {
     # clients that broke, abandoned or stalled their request bodies.
     "vastshift_state_write_failures_total": ("counter", {}),
     "vastshift_client_errors_total": ("counter", {"kind": {"framing", "aborted", "timeout"}}),
+    # SPEC section 12: answers to their last byte, how streams ended, tokens in usage.
+    "vastshift_response_duration_seconds": ("histogram", {
+        "backend": {"legacy", "vastai"},
+        "route": None,
+    }),
+    "vastshift_streams_total": ("counter", {
+        "backend": {"legacy", "vastai"},
+        "route": None,
+        "result": {"complete", "upstream_aborted", "client_aborted"},
+    }),
+    "vastshift_tokens_total": ("counter", {
+        "backend": {"legacy", "vastai"},
+        "route": None,
+        "kind": {"prompt", "completion"},
+    }),
+    # SPEC section 12: what each backend costs an hour (NaN when not known).
+    "vastshift_cost_per_hour": ("gauge", {"backend": {"legacy", "vastai"}}),
     # SPEC section 12: requests vastai had no capacity for, served by legacy.
     "vastshift_spills_total": ("counter", {
         "route": None,

@@ -46,6 +46,8 @@ pub struct App {
     pub reloader: Arc<Reloader>,
     /// With `[store] kind = "etcd"`: this replica's part in the shared migration.
     pub cluster: Option<Arc<Cluster>>,
+    /// When the app was built: the span tokens and cost are counted over.
+    pub started: tokio::time::Instant,
 }
 
 /// Options the binary (or a test) passes to [`App::build`].
@@ -123,6 +125,7 @@ impl App {
             env: opts.env,
             reloader,
             cluster,
+            started: tokio::time::Instant::now(),
         }))
     }
 

@@ -185,6 +185,34 @@ pub fn render_status(r: &Value) -> String {
         "ramp: {}\n",
         r["ramp"]["state"].as_str().unwrap_or("idle")
     ));
+    for b in ["legacy", "vastai"] {
+        let t = &r["tokens"][b];
+        let (p, c) = (
+            t["prompt"].as_u64().unwrap_or(0),
+            t["completion"].as_u64().unwrap_or(0),
+        );
+        if p + c > 0 {
+            out.push_str(&format!(
+                "{b} tokens: {p} prompt, {c} completion{}\n",
+                t["cost_per_1k"]
+                    .as_f64()
+                    .map(|x| format!(", {x:.4} per 1k tokens"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    let cost = &r["cost_per_hour"];
+    if cost["legacy"].is_number() || cost["vastai"].is_number() {
+        let show = |v: &Value| {
+            v.as_f64()
+                .map_or("unknown".to_string(), |c| format!("{c}/h"))
+        };
+        out.push_str(&format!(
+            "cost: legacy {}, vastai {}\n",
+            show(&cost["legacy"]),
+            show(&cost["vastai"])
+        ));
+    }
     if let Some(s) = r["serverless"].as_object() {
         out.push_str(&format!(
             "serverless endpoint {}: {}, {} session(s)\n",

@@ -77,6 +77,32 @@ struct RouteHandles {
     /// `[backend][1xx, 2xx, 3xx, 4xx, 5xx, error]`.
     codes: [[IntCounter; 6]; 2],
     duration: [Histogram; 2],
+    /// To the answer's last byte.
+    response: [Histogram; 2],
+}
+
+/// How a streamed answer ended (`vastshift_streams_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamResult {
+    Complete,
+    UpstreamAborted,
+    ClientAborted,
+}
+
+impl StreamResult {
+    pub const ALL: [StreamResult; 3] = [
+        StreamResult::Complete,
+        StreamResult::UpstreamAborted,
+        StreamResult::ClientAborted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamResult::Complete => "complete",
+            StreamResult::UpstreamAborted => "upstream_aborted",
+            StreamResult::ClientAborted => "client_aborted",
+        }
+    }
 }
 
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
@@ -111,6 +137,11 @@ pub struct Metrics {
     client_errors: IntCounterVec,
     /// Requests vastai had no capacity for, served by legacy, by route and reason (SPEC §12).
     spills: IntCounterVec,
+    /// What each backend costs an hour (NaN: not known).
+    cost_per_hour: [prometheus::Gauge; 2],
+    response_duration: HistogramVec,
+    streams: IntCounterVec,
+    tokens: IntCounterVec,
     /// The shared store and the cluster (SPEC §9); with the file store: connected, one replica,
     /// its own leader.
     store: StoreGauges,
@@ -339,6 +370,56 @@ impl Metrics {
         for r in crate::vocab::Spill::ALL {
             spills.with_label_values(&["default", r.as_str()]);
         }
+        let response_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "vastshift_response_duration_seconds",
+                "Time from receiving a request to the answer's last byte.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            ]),
+            &["backend", "route"],
+        )?;
+        registry.register(Box::new(response_duration.clone()))?;
+        let streams = IntCounterVec::new(
+            Opts::new(
+                "vastshift_streams_total",
+                "Streamed answers (SSE, chunked), by how they ended.",
+            ),
+            &["backend", "route", "result"],
+        )?;
+        registry.register(Box::new(streams.clone()))?;
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "vastshift_tokens_total",
+                "Tokens in the OpenAI-style usage of answers, by backend and kind.",
+            ),
+            &["backend", "route", "kind"],
+        )?;
+        registry.register(Box::new(tokens.clone()))?;
+        for b in Backend::ALL {
+            response_duration.with_label_values(&[b.as_str(), "default"]);
+            for r in StreamResult::ALL {
+                streams.with_label_values(&[b.as_str(), "default", r.as_str()]);
+            }
+            for k in ["prompt", "completion"] {
+                tokens.with_label_values(&[b.as_str(), "default", k]);
+            }
+        }
+        let cost_vec = prometheus::GaugeVec::new(
+            Opts::new(
+                "vastshift_cost_per_hour",
+                "What each backend costs an hour ([legacy]/[vastai] cost_per_hour, or the Vast.ai console's dph_total in instance mode); NaN when not known.",
+            ),
+            &["backend"],
+        )?;
+        registry.register(Box::new(cost_vec.clone()))?;
+        let cost_per_hour = Backend::ALL.map(|b| {
+            let g = cost_vec.with_label_values(&[b.as_str()]);
+            g.set(f64::NAN);
+            g
+        });
         for c in [
             &requests,
             &upstream_errors,
@@ -399,8 +480,69 @@ impl Metrics {
             state_write_failures,
             client_errors,
             spills,
+            cost_per_hour,
+            response_duration,
+            streams,
+            tokens,
             store,
         })
+    }
+
+    /// An answer's time to its last byte, on a route of the current routing table.
+    pub fn record_response(&self, backend: Backend, route: RouteRef, name: &str, seconds: f64) {
+        let handles = self.route_handles.load();
+        let i = match route {
+            RouteRef::Default => 0,
+            RouteRef::Route(i) => i + 1,
+        };
+        match handles.get(i).filter(|h| h.name == name) {
+            Some(h) => h.response[backend.index()].observe(seconds),
+            None => self
+                .response_duration
+                .with_label_values(&[backend.as_str(), name])
+                .observe(seconds),
+        }
+    }
+
+    /// A streamed answer ended.
+    pub fn stream(&self, backend: Backend, route: &str, result: StreamResult) {
+        self.streams
+            .with_label_values(&[backend.as_str(), route, result.as_str()])
+            .inc();
+    }
+
+    /// Tokens an answer's `usage` reported.
+    pub fn tokens(&self, backend: Backend, route: &str, prompt: u64, completion: u64) {
+        self.tokens
+            .with_label_values(&[backend.as_str(), route, "prompt"])
+            .inc_by(prompt);
+        self.tokens
+            .with_label_values(&[backend.as_str(), route, "completion"])
+            .inc_by(completion);
+    }
+
+    /// All tokens counted for `backend` (prompt, completion), for the status report.
+    pub fn tokens_of(&self, backend: Backend) -> (u64, u64) {
+        let mut out = (0, 0);
+        for family in prometheus::core::Collector::collect(&self.tokens) {
+            for m in family.get_metric() {
+                let labels: Vec<_> = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name(), l.value()))
+                    .collect();
+                if !labels.contains(&("backend", backend.as_str())) {
+                    continue;
+                }
+                let v = m.get_counter().get_value() as u64;
+                if labels.contains(&("kind", "prompt")) {
+                    out.0 += v;
+                } else {
+                    out.1 += v;
+                }
+            }
+        }
+        out
     }
 
     /// A request spilled to legacy for want of vastai capacity.
@@ -414,6 +556,15 @@ impl Metrics {
         self.spills
             .with_label_values(&[route, reason.as_str()])
             .get()
+    }
+
+    /// A backend's cost an hour (`None`: not known).
+    pub fn set_cost_per_hour(&self, backend: Backend, cost: Option<f64>) {
+        self.cost_per_hour[backend.index()].set(cost.unwrap_or(f64::NAN));
+    }
+
+    pub fn cost_per_hour(&self, backend: Backend) -> Option<f64> {
+        Some(self.cost_per_hour[backend.index()].get()).filter(|c| !c.is_nan())
     }
 
     pub fn set_store_connected(&self, connected: bool) {
@@ -506,6 +657,12 @@ impl Metrics {
                 duration: [
                     self.duration_handle(Backend::Legacy, route),
                     self.duration_handle(Backend::Vastai, route),
+                ],
+                response: [
+                    self.response_duration
+                        .with_label_values(&[Backend::Legacy.as_str(), route]),
+                    self.response_duration
+                        .with_label_values(&[Backend::Vastai.as_str(), route]),
                 ],
             });
         }

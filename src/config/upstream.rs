@@ -51,6 +51,7 @@ pub(super) struct RawUpstream {
     max_sessions: Option<usize>,
     #[serde(default)]
     strip_path_prefix: String,
+    cost_per_hour: Option<f64>,
 }
 
 fn default_health_path() -> String {
@@ -87,6 +88,9 @@ pub struct UpstreamSettings {
     /// Taken off the front of a client's path before the base URL's own path is put in front
     /// (`/v1` for Vast.ai's OpenAI-compatible endpoint); empty: nothing is taken off.
     pub strip_path_prefix: String,
+    /// What this side costs an hour, in the operator's currency (`None`: not given; in
+    /// instance mode vastai then takes the console's `dph_total`).
+    pub cost_per_hour: Option<f64>,
 }
 
 impl UpstreamSettings {
@@ -202,6 +206,14 @@ impl RawUpstream {
         if !self.health_path.starts_with('/') {
             return Err(invalid(format!("{side}.health_path"), "must start with /"));
         }
+        if let Some(c) = self.cost_per_hour {
+            if !c.is_finite() || c < 0.0 {
+                return Err(invalid(
+                    format!("{side}.cost_per_hour"),
+                    "must be a number >= 0",
+                ));
+            }
+        }
         let strip = &self.strip_path_prefix;
         if !strip.is_empty()
             && (!strip.starts_with('/') || strip.ends_with('/') || strip.contains(['?', '#']))
@@ -235,6 +247,7 @@ impl RawUpstream {
             tls_insecure_skip_verify: self.tls_insecure_skip_verify,
             api_key_env: self.api_key_env.clone(),
             strip_path_prefix: self.strip_path_prefix.clone(),
+            cost_per_hour: self.cost_per_hour,
         })
     }
 

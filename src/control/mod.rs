@@ -79,6 +79,8 @@ pub(crate) struct Inner {
     /// A rollback applied here that the shared store has not taken yet, with its sequence
     /// number. While it is pending, a stored state without a rollback does not undo it.
     pending: Option<(u64, Op)>,
+    /// The Vast.ai console's price of the instance (`dph_total`), in instance mode.
+    console_price: Option<f64>,
     /// The start-up rollback of a replica that had neither the shared state nor a local copy:
     /// replaced by the stored state as soon as the store answers, and never written to it.
     provisional: bool,
@@ -166,6 +168,7 @@ impl Control {
                 revision: 0,
                 pending: None,
                 provisional: false,
+                console_price: None,
             }),
             store,
             persistence: Persistence::default(),
@@ -573,6 +576,28 @@ impl Control {
         self.snapshot
             .store(Arc::new(inner.parts.snapshot(table, &inner.file)));
         self.metrics.set_split(&gauges);
+        self.publish_cost(inner);
+    }
+
+    /// `vastshift_cost_per_hour`: the file's figures; vastai's from the console when the file
+    /// gives none.
+    fn publish_cost(&self, inner: &Inner) {
+        let file = &inner.file;
+        self.metrics
+            .set_cost_per_hour(Backend::Legacy, file.legacy.settings.cost_per_hour);
+        self.metrics.set_cost_per_hour(
+            Backend::Vastai,
+            file.vastai.settings.cost_per_hour.or(inner.console_price),
+        );
+    }
+
+    /// The instance's price as the Vast.ai console reports it (`dph_total`).
+    pub fn set_vastai_price(&self, dph_total: Option<f64>) {
+        let mut inner = self.lock();
+        if dph_total.is_some() && inner.console_price != dph_total {
+            inner.console_price = dph_total;
+            self.publish_cost(&inner);
+        }
     }
 
     /// A Vast.ai instance's address as the resolver found it (`None`: not running, so vastai's

@@ -58,11 +58,37 @@ pub struct StatusReport {
     pub last_reload: Option<ReloadResult>,
     /// Why the state in force is not persisted, when it is not (`split.persisted` is false).
     pub state_error: Option<String>,
+    /// OpenAI-style `usage` counted per backend (`vastshift_tokens_total`), with cost per 1k.
+    pub tokens: TokensByBackend,
+    /// What each backend costs an hour (`vastshift_cost_per_hour`), when known.
+    pub cost_per_hour: CostPerHour,
     /// The Serverless endpoint (cold or not, sessions), in serverless mode.
     pub serverless: Option<crate::upstream::serverless::ServerlessState>,
     /// The store and every replica sharing the migration (SPEC §9).
     pub cluster: crate::cluster::ClusterDocument,
     pub checks: Vec<Check>,
+}
+
+/// Tokens one backend served since start, and what 1,000 of them cost at its hourly price.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub completion: u64,
+    /// `cost_per_hour` × hours since start / thousands of tokens; `None` without a price or
+    /// tokens.
+    pub cost_per_1k: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TokensByBackend {
+    pub legacy: Tokens,
+    pub vastai: Tokens,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CostPerHour {
+    pub legacy: Option<f64>,
+    pub vastai: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -221,6 +247,30 @@ pub fn report(app: &App) -> StatusReport {
         last_reload: app.reloader.last(),
         state_error: app.control.persist_error(),
         cluster: app.cluster_document(),
+        tokens: {
+            let hours = app.started.elapsed().as_secs_f64() / 3600.0;
+            let of = |b: Backend| {
+                let (prompt, completion) = app.metrics.tokens_of(b);
+                let total = (prompt + completion) as f64;
+                Tokens {
+                    prompt,
+                    completion,
+                    cost_per_1k: app
+                        .metrics
+                        .cost_per_hour(b)
+                        .filter(|_| total > 0.0)
+                        .map(|c| c * hours / (total / 1000.0)),
+                }
+            };
+            TokensByBackend {
+                legacy: of(Backend::Legacy),
+                vastai: of(Backend::Vastai),
+            }
+        },
+        cost_per_hour: CostPerHour {
+            legacy: app.metrics.cost_per_hour(Backend::Legacy),
+            vastai: app.metrics.cost_per_hour(Backend::Vastai),
+        },
         serverless: match &snapshot.upstreams.vastai {
             crate::upstream::VastaiUpstream::Serverless(s) => Some(s.state()),
             crate::upstream::VastaiUpstream::Http(_) => None,

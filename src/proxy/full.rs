@@ -15,6 +15,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use super::answer::{Kind, Observed, Observer};
 use super::client_body::{ClientBody, Fault, FaultSlot};
 use super::policy::{error_json, error_status, is_json_post, Attempt, Route};
 use super::{Client, InFlight, Proxy, Tracked};
@@ -378,7 +379,7 @@ impl Proxy {
     fn finish(
         &self,
         resp: Response<UpstreamBody>,
-        snap: &Snapshot,
+        snap: &Arc<Snapshot>,
         backend: Backend,
         route: Route<'_>,
         id: &HeaderValue,
@@ -417,10 +418,33 @@ impl Proxy {
             );
         }
         parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
-        let body = Tracked {
-            inner: body,
-            _guard: InFlight::new(self.metrics.in_flight(backend)),
-        }
+        let kind = if status == StatusCode::SWITCHING_PROTOCOLS {
+            Kind::PLAIN
+        } else {
+            let unknown_length = !body.is_end_stream() && body.size_hint().exact().is_none();
+            Kind::of(
+                parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .map(HeaderValue::as_bytes),
+                unknown_length,
+            )
+        };
+        let observer = Observer::new(
+            Arc::clone(snap),
+            Arc::clone(&self.metrics),
+            backend,
+            route.at,
+            start,
+            kind,
+        );
+        let body = Observed::new(
+            Tracked {
+                inner: body,
+                _guard: InFlight::new(self.metrics.in_flight(backend)),
+            },
+            observer,
+        )
         .boxed_unsync();
         let body = match mirror {
             None => body,

@@ -14,7 +14,7 @@ use crate::control::Snapshot;
 use crate::routing::RouteRef;
 use crate::shadow::{Context as MirrorContext, ShadowTask};
 use crate::upstream::UpstreamError;
-use crate::vocab::{Backend, ErrorKind};
+use crate::vocab::{Backend, ErrorKind, Spill};
 
 /// The route a request matched, by position (for cached metric handles) and by name.
 #[derive(Debug, Clone, Copy)]
@@ -72,7 +72,8 @@ pub(crate) fn is_json_post(method: &Method, headers: &HeaderMap) -> bool {
 impl Proxy {
     /// The backend a request goes to, given the one the split chose: vastai's share goes to
     /// legacy when Serverless cannot take the request (`serverless_ok`: a JSON POST, not an
-    /// upgrade), and, with fallback on, while vastai has no address or its circuit is open.
+    /// upgrade), and, with fallback on, while vastai has no address (`instance_down`) or its
+    /// circuit is open (`unhealthy`): spills, counted in `vastshift_spills_total`.
     pub(crate) fn place(
         &self,
         snap: &Snapshot,
@@ -88,18 +89,30 @@ impl Proxy {
             // Serverless workers only take JSON POSTs; everything else stays on legacy.
             return Backend::Legacy;
         }
-        if snap.table.fallback
-            && (!snap.upstreams.vastai_addressable() || !snap.health.allow(Backend::Vastai, now))
-        {
-            self.metrics.fallback(route_name);
-            return Backend::Legacy;
+        if !snap.table.fallback {
+            return chosen;
         }
-        chosen
+        // No capacity is not failure (SPEC §12): a spill, and nothing for the guard.
+        let spill = if !snap.upstreams.vastai_addressable() {
+            Some(Spill::InstanceDown)
+        } else if !snap.health.allow(Backend::Vastai, now) {
+            Some(Spill::Unhealthy)
+        } else {
+            None
+        };
+        match spill {
+            Some(reason) => {
+                self.metrics.spill(route_name, reason);
+                Backend::Legacy
+            }
+            None => chosen,
+        }
     }
 
-    /// The fallback rule (SPEC §4): with `split.fallback` on, a request vastai could not be
-    /// connected to, that Vast.ai could not take, or that an idempotent request got 502-504 for,
-    /// is replayed once on legacy — if it can be (`replayable`: its body is held). So is an
+    /// The fallback rule (SPEC §4, §12): with `split.fallback` on, a request vastai could not be
+    /// connected to, that Vast.ai could not take, that vastai answered 429 (any method: it was
+    /// not processed; a spill), or that an idempotent request got 502-504 for (503 included: it
+    /// may have been processed, so a POST is not replayed), is replayed once on legacy — if it can be (`replayable`: its body is held). So is an
     /// idempotent request (RFC 9110: not POST or PATCH) whose vastai connection was reset or
     /// closed before any answer byte, as nginx's `proxy_next_upstream error` does. When the rule
     /// applies, vastai's attempt is recorded and the fallback counted; the caller replays.
@@ -127,6 +140,11 @@ impl Proxy {
                     reason = e.spill.map_or("", |s| s.as_str()),
                     "vastai had no capacity; spilled to legacy"
                 );
+                return true;
+            }
+            Attempt::Answered(StatusCode::TOO_MANY_REQUESTS) => {
+                // vastai did not process it: replayed whatever the method, and a spill.
+                self.metrics.spill(route.name, Spill::RateLimited);
                 return true;
             }
             Attempt::Answered(status) if replayable_status(method, status) => {

@@ -148,6 +148,16 @@ impl Windows {
         slot.hist[bucket_of(latency)] += 1;
     }
 
+    /// A request recorded as answered whose answer was then cut by the upstream (a stream that
+    /// failed, or ended without its end marker): one more error, no more requests.
+    pub fn record_abort(&self, backend: Backend, now: Instant) {
+        let sec = self.second(now);
+        let Ok(mut ring) = self.rings[backend.index()].lock() else {
+            return;
+        };
+        ring.slot(sec).errors += 1;
+    }
+
     /// One shadow comparison (kept in the vastai ring: mismatches are vastai's to answer for).
     pub fn record_shadow(&self, now: Instant, mismatch: bool) {
         let sec = self.second(now);

@@ -110,7 +110,11 @@ async fn run(
             .as_ref()
             .and_then(|k| env.get(k))
             .cloned();
-        let wait = match resolve(&client, mode, key.as_deref()).await {
+        let found = resolve(&client, mode, key.as_deref()).await;
+        if let Ok((_, price)) = &found {
+            control.set_vastai_price(*price);
+        }
+        let wait = match found.map(|(r, _)| r) {
             Ok(Resolved::Running(base)) => {
                 backoff = Duration::from_secs(1);
                 control.set_vastai_address(Some(base), "instance running");
@@ -144,12 +148,12 @@ async fn run(
     }
 }
 
-/// Asks the console where the instance is.
+/// Asks the console where the instance is, and what it costs an hour (`dph_total`).
 pub async fn resolve(
     client: &PooledClient,
     mode: &InstanceMode,
     key: Option<&str>,
-) -> Result<Resolved, ResolveError> {
+) -> Result<(Resolved, Option<f64>), ResolveError> {
     let id = mode.instance_id;
     let url: Uri = format!(
         "{}/api/v0/instances/{id}/?owner=me",
@@ -185,13 +189,19 @@ pub async fn resolve(
         .await
         .map_err(|_| ResolveError::Timeout)??;
     if status == StatusCode::NOT_FOUND {
-        return Ok(Resolved::NotRunning(format!("instance {id} not found")));
+        return Ok((
+            Resolved::NotRunning(format!("instance {id} not found")),
+            None,
+        ));
     }
     if !status.is_success() {
         return Err(ResolveError::Status(status));
     }
     let body: Value = serde_json::from_slice(&body).map_err(|_| ResolveError::InvalidJson)?;
-    Ok(parse_instance(&body, mode.port, mode.scheme.clone()))
+    let price = body["instances"]["dph_total"]
+        .as_f64()
+        .filter(|p| p.is_finite() && *p >= 0.0);
+    Ok((parse_instance(&body, mode.port, mode.scheme.clone()), price))
 }
 
 /// Reads the console's answer.

@@ -17,6 +17,7 @@ use super::write::{answer_head, error, field, flush, relay};
 use super::Step;
 use crate::config::BaseUrl;
 use crate::control::Snapshot;
+use crate::proxy::answer::{Kind, Observed, Observer};
 use crate::proxy::policy::{Attempt, Route};
 use crate::proxy::{Client, InFlight, Proxy};
 use crate::shadow::compare::Fields;
@@ -156,7 +157,27 @@ impl Exchange<'_> {
                     }),
                     None => None,
                 };
-                let body = up.body(answer);
+                // Streams (chunked, or ended by close) are watched for how they end and for
+                // `usage`; a body of known length only has its time to the last byte taken.
+                let kind = if chunked {
+                    let ct = answer
+                        .head
+                        .fields()
+                        .find(|(n, _)| n.eq_ignore_ascii_case(b"content-type"))
+                        .map(|(_, v)| v);
+                    Kind::of(ct, true)
+                } else {
+                    Kind::PLAIN
+                };
+                let observer = Observer::new(
+                    Arc::clone(&snap),
+                    Arc::clone(&proxy.metrics),
+                    served_by,
+                    route,
+                    start,
+                    kind,
+                );
+                let body = Observed::new(up.body(answer), observer);
                 let _guard = InFlight::new(proxy.metrics.in_flight(served_by));
                 let relayed = match mirrored {
                     None => relay(io, out, body, chunked).await,
