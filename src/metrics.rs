@@ -600,6 +600,39 @@ impl Metrics {
         status: Option<u16>,
         seconds: f64,
     ) {
+        self.record_route(backend, route, name, status, seconds, None);
+    }
+
+    /// [`Self::record_route_request`] for an answer already relayed whole: its time to the
+    /// head and to the last byte, in one lookup of the route's handles.
+    pub fn record_route_answer(
+        &self,
+        backend: Backend,
+        route: RouteRef,
+        name: &str,
+        status: Option<u16>,
+        head_seconds: f64,
+        last_byte_seconds: f64,
+    ) {
+        self.record_route(
+            backend,
+            route,
+            name,
+            status,
+            head_seconds,
+            Some(last_byte_seconds),
+        );
+    }
+
+    fn record_route(
+        &self,
+        backend: Backend,
+        route: RouteRef,
+        name: &str,
+        status: Option<u16>,
+        seconds: f64,
+        last_byte: Option<f64>,
+    ) {
         let handles = self.route_handles.load();
         let i = match route {
             RouteRef::Default => 0,
@@ -610,8 +643,18 @@ impl Metrics {
             Some(h) => {
                 h.codes[backend.index()][class_index(status)].inc();
                 h.duration[backend.index()].observe(seconds);
+                if let Some(last) = last_byte {
+                    h.response[backend.index()].observe(last);
+                }
             }
-            None => self.record_request(backend, name, status, seconds),
+            None => {
+                self.record_request(backend, name, status, seconds);
+                if let Some(last) = last_byte {
+                    self.response_duration
+                        .with_label_values(&[backend.as_str(), name])
+                        .observe(last);
+                }
+            }
         }
     }
 

@@ -177,6 +177,15 @@ impl<B> Observed<B> {
             ended: false,
         }
     }
+
+    /// A body passed through as it is, with nothing to observe (the caller records it).
+    pub fn bare(inner: B) -> Observed<B> {
+        Observed {
+            inner,
+            observer: None,
+            ended: false,
+        }
+    }
 }
 
 impl<B> http_body::Body for Observed<B>
@@ -191,8 +200,11 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.ended {
-            return Poll::Ready(None);
+        if self.observer.is_none() {
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            return Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into);
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match polled {

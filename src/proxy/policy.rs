@@ -234,6 +234,32 @@ impl Proxy {
         snap.windows.record(backend, now, elapsed, error);
     }
 
+    /// An answer relayed whole: recorded as [`Self::record`] would at its head (`head_at`),
+    /// with its time to the last byte (now) in the same lookup.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record_answer(
+        &self,
+        snap: &Snapshot,
+        backend: Backend,
+        route: Route<'_>,
+        status: Option<u16>,
+        start: Instant,
+        head_at: Instant,
+        error: bool,
+    ) {
+        let head = head_at.saturating_duration_since(start);
+        let last = start.elapsed();
+        self.metrics.record_route_answer(
+            backend,
+            route.at,
+            route.name,
+            status,
+            head.as_secs_f64(),
+            last.as_secs_f64(),
+        );
+        snap.windows.record(backend, head_at, head, error);
+    }
+
     /// A request that got no answer from `backend`: its error counted by kind, and recorded.
     pub(crate) fn record_error(
         &self,

@@ -138,15 +138,20 @@ impl Exchange<'_> {
         match result {
             Ok(answer) => {
                 let status = answer.head.status;
-                proxy.record(
-                    &snap,
-                    served_by,
-                    label,
-                    Some(status.as_u16()),
-                    start,
-                    status.is_server_error(),
-                );
                 let chunked = matches!(answer.head.framing, Framing::Chunked(_) | Framing::Close);
+                // A stream is recorded at its head (its end is the observer's); a body of known
+                // length once it is written, with its time to the last byte in one go.
+                let head_at = Instant::now();
+                if chunked {
+                    proxy.record(
+                        &snap,
+                        served_by,
+                        label,
+                        Some(status.as_u16()),
+                        start,
+                        status.is_server_error(),
+                    );
+                }
                 let expose = snap.expose_backend_header.then_some(served_by);
                 answer_head(out, method, &answer, id, expose, chunked, closing);
                 // The mirror leaves once the primary's answer has arrived, not while the
@@ -158,26 +163,26 @@ impl Exchange<'_> {
                     None => None,
                 };
                 // Streams (chunked, or ended by close) are watched for how they end and for
-                // `usage`; a body of known length only has its time to the last byte taken.
-                let kind = if chunked {
+                // `usage`; a body of known length only has its time to the last byte taken,
+                // here, once it is written (no wrapper, no shared handles on the common path).
+                let body = if chunked {
                     let ct = answer
                         .head
                         .fields()
                         .find(|(n, _)| n.eq_ignore_ascii_case(b"content-type"))
                         .map(|(_, v)| v);
-                    Kind::of(ct, true)
+                    let observer = Observer::new(
+                        Arc::clone(&snap),
+                        Arc::clone(&proxy.metrics),
+                        served_by,
+                        route,
+                        start,
+                        Kind::of(ct, true),
+                    );
+                    Observed::new(up.body(answer), observer)
                 } else {
-                    Kind::PLAIN
+                    Observed::bare(up.body(answer))
                 };
-                let observer = Observer::new(
-                    Arc::clone(&snap),
-                    Arc::clone(&proxy.metrics),
-                    served_by,
-                    route,
-                    start,
-                    kind,
-                );
-                let body = Observed::new(up.body(answer), observer);
                 let _guard = InFlight::new(proxy.metrics.in_flight(served_by));
                 let relayed = match mirrored {
                     None => relay(io, out, body, chunked).await,
@@ -195,6 +200,17 @@ impl Exchange<'_> {
                         relay(io, out, body, chunked).await
                     }
                 };
+                if !chunked {
+                    proxy.record_answer(
+                        &snap,
+                        served_by,
+                        label,
+                        Some(status.as_u16()),
+                        start,
+                        head_at,
+                        status.is_server_error(),
+                    );
+                }
                 step(relayed)
             }
             Err(e) => {
