@@ -312,3 +312,54 @@ async fn a_client_that_leaves_mid_stream_is_client_aborted() {
     );
     vs.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_first_token_fails_the_guard_s_time_to_first_byte() {
+    let vs = Kit::with(
+        "[split]\npercent = 100\nfallback = true\n[guard]\nmin_requests = 3\nmax_ttfb_p99_ms = 200\n",
+    )
+    .vastai(|req: Request<Incoming>| async move {
+        if is_probe(&req) {
+            return respond(200, "ok");
+        }
+        // The head at once, the first event after 400 ms: only the first byte is slow.
+        let frames = futures_util::stream::unfold(0u32, |i| async move {
+            match i {
+                0 => {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    Some((Ok::<_, BoxError>(Frame::data(Bytes::from("data: {\"n\": 0}\n\n"))), 1))
+                }
+                _ => None,
+            }
+        });
+        let mut r = http::Response::new(BodyExt::boxed(http_body_util::StreamBody::new(frames)));
+        r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+        r
+    })
+    .await;
+    for post in [false, true, false] {
+        let (text, _, _) = read(send(&vs, post, "/slow").await).await;
+        assert!(text.contains("\"n\": 0"), "{text}");
+    }
+    let status = vs.admin_json("/admin/status").await;
+    let ttfb = status["backends"]["vastai"]["ttfb_p99_ms"]
+        .as_f64()
+        .unwrap();
+    let head = status["backends"]["vastai"]["p99_ms"].as_f64().unwrap();
+    assert!(ttfb >= 390.0, "time to first byte {ttfb}");
+    assert!(head < 200.0, "the head came at once: {head}");
+    assert!(
+        eventually(3.0, || async {
+            vs.admin_json("/admin/split").await["rolled_back"] == true
+        })
+        .await,
+        "the guard did not roll back: {}",
+        vs.admin_json("/admin/status").await["guard"]
+    );
+    let reasons = vs.admin_json("/admin/audit").await[0]["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reasons.contains("max_ttfb_p99_ms"), "{reasons}");
+    vs.stop().await;
+}

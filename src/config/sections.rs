@@ -141,6 +141,8 @@ pub struct GuardConfig {
     pub min_requests: u64,
     pub max_error_rate: f64,
     pub max_p99_ms: u64,
+    /// p99 time to the answer's first byte (a stream's first token); 0: off.
+    pub max_ttfb_p99_ms: u64,
     pub max_latency_ratio: f64,
     pub max_mismatch_rate: f64,
 }
@@ -153,6 +155,7 @@ impl Default for GuardConfig {
             min_requests: 20,
             max_error_rate: 0.05,
             max_p99_ms: 0,
+            max_ttfb_p99_ms: 0,
             max_latency_ratio: 0.0,
             max_mismatch_rate: 0.0,
         }

@@ -70,6 +70,8 @@ struct Watch {
     done: bool,
     /// The last bytes, for `usage` and for markers split across frames.
     tail: Vec<u8>,
+    /// The first body byte has been seen (its time is in the guard's window).
+    first: bool,
 }
 
 impl Watch {
@@ -119,6 +121,7 @@ impl Observer {
                 openai: false,
                 done: false,
                 tail: Vec::new(),
+                first: false,
             })
         });
         Observer {
@@ -210,11 +213,21 @@ where
         match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(w)) = (
-                    frame.data_ref(),
-                    self.observer.as_mut().and_then(|o| o.watch.as_mut()),
-                ) {
-                    w.take(data);
+                if let (Some(data), Some(o)) = (frame.data_ref(), self.observer.as_mut()) {
+                    if let Some(w) = o.watch.as_mut() {
+                        if w.kind.stream && !w.first && !data.is_empty() {
+                            // A stream's first byte (an inference's first token) for the
+                            // guard's `max_ttfb_p99_ms`.
+                            w.first = true;
+                            let now = Instant::now();
+                            o.snap.windows.record_ttfb(
+                                o.backend,
+                                now,
+                                now.saturating_duration_since(o.start),
+                            );
+                        }
+                        w.take(data);
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -346,6 +359,7 @@ mod tests {
             openai: false,
             done: false,
             tail: Vec::new(),
+            first: false,
         };
         w.take(b"data: {\"cho");
         w.take(b"ices\": []}\n\ndata: [DO");

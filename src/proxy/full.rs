@@ -388,14 +388,24 @@ impl Proxy {
         mirror: Option<Pending>,
     ) -> Response<Body> {
         let status = resp.status();
-        self.record(
-            snap,
-            backend,
-            route,
-            Some(status.as_u16()),
-            start,
-            status.is_server_error(),
-        );
+        let kind = if status == StatusCode::SWITCHING_PROTOCOLS {
+            Kind::PLAIN
+        } else {
+            let body = resp.body();
+            let unknown_length = !body.is_end_stream() && body.size_hint().exact().is_none();
+            Kind::of(
+                resp.headers()
+                    .get(header::CONTENT_TYPE)
+                    .map(HeaderValue::as_bytes),
+                unknown_length,
+            )
+        };
+        let error = status.is_server_error();
+        if kind.stream {
+            self.record_stream_head(snap, backend, route, Some(status.as_u16()), start, error);
+        } else {
+            self.record(snap, backend, route, Some(status.as_u16()), start, error);
+        }
         let (mut parts, body) = resp.into_parts();
         if status == StatusCode::SWITCHING_PROTOCOLS {
             if let (Some(client_side), Some(upstream_side)) =

@@ -234,6 +234,29 @@ impl Proxy {
         snap.windows.record(backend, now, elapsed, error);
     }
 
+    /// One answer that is a stream, at its head: [`Self::record`], but its first byte goes to
+    /// the guard's window when it comes (the observer's part).
+    pub(crate) fn record_stream_head(
+        &self,
+        snap: &Snapshot,
+        backend: Backend,
+        route: Route<'_>,
+        status: Option<u16>,
+        start: Instant,
+        error: bool,
+    ) {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(start);
+        self.metrics.record_route_request(
+            backend,
+            route.at,
+            route.name,
+            status,
+            elapsed.as_secs_f64(),
+        );
+        snap.windows.record_stream(backend, now, elapsed, error);
+    }
+
     /// An answer relayed whole: recorded as [`Self::record`] would at its head (`head_at`),
     /// with its time to the last byte (now) in the same lookup.
     #[allow(clippy::too_many_arguments)]

@@ -62,6 +62,12 @@ pub fn evaluate(
             vastai.p99_ms, cfg.max_p99_ms
         ));
     }
+    if cfg.max_ttfb_p99_ms > 0 && vastai.ttfb_p99_ms > cfg.max_ttfb_p99_ms as f64 {
+        failed.push(format!(
+            "vastai time to first byte p99 {:.1} ms > max_ttfb_p99_ms {}",
+            vastai.ttfb_p99_ms, cfg.max_ttfb_p99_ms
+        ));
+    }
     if cfg.max_latency_ratio > 0.0
         && legacy.requests > 0
         && vastai.p99_ms > legacy.p99_ms * cfg.max_latency_ratio
@@ -126,6 +132,7 @@ mod tests {
             },
             p50_ms: p99 / 2.0,
             p99_ms: p99,
+            ttfb_p99_ms: p99,
         }
     }
 

@@ -39,6 +39,10 @@ struct Slot {
     count: u64,
     errors: u64,
     hist: Box<[u32; BUCKETS]>,
+    /// Time to the answer's first byte: the head's time for an answer of known length, the
+    /// first body byte's for a stream (an inference's first token).
+    ttfb: Box<[u32; BUCKETS]>,
+    ttfb_count: u64,
     shadow_compared: u64,
     shadow_mismatched: u64,
 }
@@ -50,6 +54,8 @@ impl Slot {
             count: 0,
             errors: 0,
             hist: Box::new([0; BUCKETS]),
+            ttfb: Box::new([0; BUCKETS]),
+            ttfb_count: 0,
             shadow_compared: 0,
             shadow_mismatched: 0,
         }
@@ -59,6 +65,8 @@ impl Slot {
         self.count = 0;
         self.errors = 0;
         self.hist.fill(0);
+        self.ttfb.fill(0);
+        self.ttfb_count = 0;
         self.shadow_compared = 0;
         self.shadow_mismatched = 0;
     }
@@ -100,6 +108,8 @@ pub struct BackendStats {
     pub error_rate: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// p99 time to the first byte (`guard.max_ttfb_p99_ms`).
+    pub ttfb_p99_ms: f64,
 }
 
 /// Shadow comparisons over the window.
@@ -143,9 +153,36 @@ impl Windows {
             return;
         };
         let slot = ring.slot(sec);
+        let b = bucket_of(latency);
+        slot.count += 1;
+        slot.errors += u64::from(error);
+        slot.hist[b] += 1;
+        slot.ttfb[b] += 1;
+        slot.ttfb_count += 1;
+    }
+
+    /// One request whose answer is a stream, at its head: its first byte is recorded when it
+    /// comes ([`Self::record_ttfb`]).
+    pub fn record_stream(&self, backend: Backend, now: Instant, latency: Duration, error: bool) {
+        let sec = self.second(now);
+        let Ok(mut ring) = self.rings[backend.index()].lock() else {
+            return;
+        };
+        let slot = ring.slot(sec);
         slot.count += 1;
         slot.errors += u64::from(error);
         slot.hist[bucket_of(latency)] += 1;
+    }
+
+    /// A stream's first body byte, `ttfb` after its request began.
+    pub fn record_ttfb(&self, backend: Backend, now: Instant, ttfb: Duration) {
+        let sec = self.second(now);
+        let Ok(mut ring) = self.rings[backend.index()].lock() else {
+            return;
+        };
+        let slot = ring.slot(sec);
+        slot.ttfb[bucket_of(ttfb)] += 1;
+        slot.ttfb_count += 1;
     }
 
     /// A request recorded as answered whose answer was then cut by the upstream (a stream that
@@ -191,11 +228,16 @@ impl Windows {
             return BackendStats::default();
         };
         let mut hist = [0u64; BUCKETS];
-        let (mut count, mut errors) = (0u64, 0u64);
+        let mut ttfb = [0u64; BUCKETS];
+        let (mut count, mut errors, mut firsts) = (0u64, 0u64, 0u64);
         for s in ring.live(sec) {
             count += s.count;
             errors += s.errors;
+            firsts += s.ttfb_count;
             for (h, v) in hist.iter_mut().zip(s.hist.iter()) {
+                *h += u64::from(*v);
+            }
+            for (h, v) in ttfb.iter_mut().zip(s.ttfb.iter()) {
                 *h += u64::from(*v);
             }
         }
@@ -213,6 +255,7 @@ impl Windows {
             },
             p50_ms: quantile(&hist, count, 0.50),
             p99_ms,
+            ttfb_p99_ms: quantile(&ttfb, firsts, 0.99),
         }
     }
 

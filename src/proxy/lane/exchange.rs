@@ -143,7 +143,7 @@ impl Exchange<'_> {
                 // length once it is written, with its time to the last byte in one go.
                 let head_at = Instant::now();
                 if chunked {
-                    proxy.record(
+                    proxy.record_stream_head(
                         &snap,
                         served_by,
                         label,
