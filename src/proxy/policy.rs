@@ -257,8 +257,9 @@ impl Proxy {
         snap.windows.record_stream(backend, now, elapsed, error);
     }
 
-    /// An answer relayed whole: recorded as [`Self::record`] would at its head (`head_at`),
-    /// with its time to the last byte (now) in the same lookup.
+    /// An answer relayed whole: recorded as [`Self::record`] would at its head (`head_at`;
+    /// `None`: the body was in hand with the head, so now), with its time to the last byte
+    /// (now) in the same lookup.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn record_answer(
         &self,
@@ -267,11 +268,13 @@ impl Proxy {
         route: Route<'_>,
         status: Option<u16>,
         start: Instant,
-        head_at: Instant,
+        head_at: Option<Instant>,
         error: bool,
     ) {
+        let now = Instant::now();
+        let head_at = head_at.unwrap_or(now);
         let head = head_at.saturating_duration_since(start);
-        let last = start.elapsed();
+        let last = now.saturating_duration_since(start);
         self.metrics.record_route_answer(
             backend,
             route.at,

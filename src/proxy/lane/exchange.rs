@@ -141,7 +141,6 @@ impl Exchange<'_> {
                 let chunked = matches!(answer.head.framing, Framing::Chunked(_) | Framing::Close);
                 // A stream is recorded at its head (its end is the observer's); a body of known
                 // length once it is written, with its time to the last byte in one go.
-                let head_at = Instant::now();
                 if chunked {
                     proxy.record_stream_head(
                         &snap,
@@ -184,8 +183,11 @@ impl Exchange<'_> {
                     Observed::bare(up.body(answer))
                 };
                 let _guard = InFlight::new(proxy.metrics.in_flight(served_by));
+                // When the body first kept the relay waiting: the head's time, had it to wait;
+                // else the head and the last byte are one moment, read once.
+                let mut waited = None;
                 let relayed = match mirrored {
-                    None => relay(io, out, body, chunked).await,
+                    None => relay(io, out, body, chunked, &mut waited).await,
                     Some((task, outgoing, compared)) => {
                         let origin = Origin {
                             method: method.clone(),
@@ -197,7 +199,7 @@ impl Exchange<'_> {
                         let body = proxy
                             .shadow
                             .start(task, context, origin, outgoing, compared, body);
-                        relay(io, out, body, chunked).await
+                        relay(io, out, body, chunked, &mut waited).await
                     }
                 };
                 if !chunked {
@@ -207,7 +209,7 @@ impl Exchange<'_> {
                         label,
                         Some(status.as_u16()),
                         start,
-                        head_at,
+                        waited,
                         status.is_server_error(),
                     );
                 }

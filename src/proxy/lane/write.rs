@@ -67,13 +67,16 @@ pub(super) async fn flush(io: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<(
 }
 
 /// Relays the answer body after its head (already in `out`): what is ready goes in the same
-/// write as the head; the rest is written as it arrives. An upstream failure mid-body ends the
+/// write as the head; the rest is written as it arrives. `waited` is set to when the body first
+/// made it wait (so a caller learns the head's time without reading the clock for a body that
+/// was in hand). An upstream failure mid-body ends the
 /// client connection after the bytes already read, as a cut body must.
 pub(super) async fn relay<B>(
     io: &mut TcpStream,
     out: &mut Vec<u8>,
     mut body: B,
     chunked: bool,
+    waited: &mut Option<tokio::time::Instant>,
 ) -> io::Result<()>
 where
     B: http_body::Body<Data = Bytes, Error = BoxError> + Unpin,
@@ -86,6 +89,9 @@ where
         let frame = match polled {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
+                if waited.is_none() {
+                    *waited = Some(tokio::time::Instant::now());
+                }
                 flush(io, out).await?;
                 body.frame().await
             }
