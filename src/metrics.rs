@@ -552,12 +552,6 @@ impl Metrics {
             .inc();
     }
 
-    pub fn spills(&self, route: &str, reason: crate::vocab::Spill) -> u64 {
-        self.spills
-            .with_label_values(&[route, reason.as_str()])
-            .get()
-    }
-
     /// A backend's cost an hour (`None`: not known).
     pub fn set_cost_per_hour(&self, backend: Backend, cost: Option<f64>) {
         self.cost_per_hour[backend.index()].set(cost.unwrap_or(f64::NAN));

@@ -170,11 +170,6 @@ impl Cluster {
         })
     }
 
-    /// This replica's id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     fn view(&self) -> MutexGuard<'_, View> {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
     }

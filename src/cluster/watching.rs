@@ -21,25 +21,8 @@ impl Cluster {
             if *stop.borrow() {
                 return;
             }
-            let start = match next {
-                Some(n) => n,
-                None => match self.full_read().await {
-                    Ok(revision) => revision + 1,
-                    Err(e) => {
-                        self.down(&e.to_string());
-                        if sleep_or_stop(backoff, &mut stop).await {
-                            return;
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                        continue;
-                    }
-                },
-            };
-            next = Some(start);
-            let opened = self.etcd.watch(&self.keys.dir, start).await;
-            self.count(StoreOp::Watch, &opened);
-            let mut rx = match opened {
-                Ok(rx) => rx,
+            let (start, mut rx) = match self.open(&mut next).await {
+                Ok(opened) => opened,
                 Err(e) => {
                     self.down(&e.to_string());
                     if sleep_or_stop(backoff, &mut stop).await {
@@ -98,6 +81,28 @@ impl Cluster {
                 return;
             }
         }
+    }
+
+    /// Opens the watch at `next` (after a full read when there is none: at the start, after a
+    /// compaction); returns the revision it starts at and its stream.
+    pub(super) async fn open(
+        &self,
+        next: &mut Option<i64>,
+    ) -> Result<
+        (
+            i64,
+            tokio::sync::mpsc::Receiver<Result<super::etcd::WatchBatch, EtcdError>>,
+        ),
+        EtcdError,
+    > {
+        let start = match *next {
+            Some(n) => n,
+            None => self.full_read().await? + 1,
+        };
+        *next = Some(start);
+        let opened = self.etcd.watch(&self.keys.dir, start).await;
+        self.count(StoreOp::Watch, &opened);
+        Ok((start, opened?))
     }
 
     /// Reads everything under the prefix, puts the stored state in force (or seeds an empty

@@ -442,11 +442,6 @@ impl Control {
         self.lock().revision
     }
 
-    /// Whether the rollback in force is the provisional one of a start without any state.
-    pub fn provisional(&self) -> bool {
-        self.lock().provisional
-    }
-
     /// A reloaded, valid config file and the upstreams built from it, published in one swap
     /// with everything else the file changed. Never clears an override or a rollback.
     pub fn apply_file(&self, config: Arc<Config>, upstreams: Upstreams) {

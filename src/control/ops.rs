@@ -44,14 +44,6 @@ pub enum Op {
     RampAdvance { from_step: usize },
 }
 
-impl Op {
-    /// Whether this operation is a rollback, which a replica applies at once even when the
-    /// shared store cannot take it (SPEC §9).
-    pub fn is_rollback(&self) -> bool {
-        matches!(self, Op::Rollback { .. })
-    }
-}
-
 /// Applies `op` to `inner`'s state and returns the ramp's progress after it (for the ramp's
 /// operations). Nothing is published or persisted here.
 pub(super) fn apply(inner: &mut Inner, op: &Op) -> Result<Option<RampProgress>, ControlError> {

@@ -401,11 +401,15 @@ impl Proxy {
             )
         };
         let error = status.is_server_error();
-        if kind.stream {
-            self.record_stream_head(snap, backend, route, Some(status.as_u16()), start, error);
-        } else {
-            self.record(snap, backend, route, Some(status.as_u16()), start, error);
-        }
+        self.record_head(
+            snap,
+            backend,
+            route,
+            Some(status.as_u16()),
+            start,
+            error,
+            kind.stream,
+        );
         let (mut parts, body) = resp.into_parts();
         if status == StatusCode::SWITCHING_PROTOCOLS {
             if let (Some(client_side), Some(upstream_side)) =

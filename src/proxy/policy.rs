@@ -222,21 +222,13 @@ impl Proxy {
         start: Instant,
         error: bool,
     ) {
-        let now = Instant::now();
-        let elapsed = now.saturating_duration_since(start);
-        self.metrics.record_route_request(
-            backend,
-            route.at,
-            route.name,
-            status,
-            elapsed.as_secs_f64(),
-        );
-        snap.windows.record(backend, now, elapsed, error);
+        self.record_head(snap, backend, route, status, start, error, false);
     }
 
-    /// One answer that is a stream, at its head: [`Self::record`], but its first byte goes to
-    /// the guard's window when it comes (the observer's part).
-    pub(crate) fn record_stream_head(
+    /// [`Self::record`] at an answer's head; for a `stream` its first byte goes to the guard's
+    /// window when it comes (the observer's part), not with the head.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record_head(
         &self,
         snap: &Snapshot,
         backend: Backend,
@@ -244,6 +236,7 @@ impl Proxy {
         status: Option<u16>,
         start: Instant,
         error: bool,
+        stream: bool,
     ) {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(start);
@@ -254,7 +247,8 @@ impl Proxy {
             status,
             elapsed.as_secs_f64(),
         );
-        snap.windows.record_stream(backend, now, elapsed, error);
+        snap.windows
+            .record_head(backend, now, elapsed, error, !stream);
     }
 
     /// An answer relayed whole: recorded as [`Self::record`] would at its head (`head_at`;

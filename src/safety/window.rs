@@ -148,6 +148,19 @@ impl Windows {
 
     /// One finished request; `error` is a 5xx or a transport failure.
     pub fn record(&self, backend: Backend, now: Instant, latency: Duration, error: bool) {
+        self.record_head(backend, now, latency, error, true);
+    }
+
+    /// One request at its head. `first_byte`: the head is the answer's first byte too; a
+    /// stream's first byte is recorded when it comes instead ([`Self::record_ttfb`]).
+    pub fn record_head(
+        &self,
+        backend: Backend,
+        now: Instant,
+        latency: Duration,
+        error: bool,
+        first_byte: bool,
+    ) {
         let sec = self.second(now);
         let Ok(mut ring) = self.rings[backend.index()].lock() else {
             return;
@@ -157,21 +170,10 @@ impl Windows {
         slot.count += 1;
         slot.errors += u64::from(error);
         slot.hist[b] += 1;
-        slot.ttfb[b] += 1;
-        slot.ttfb_count += 1;
-    }
-
-    /// One request whose answer is a stream, at its head: its first byte is recorded when it
-    /// comes ([`Self::record_ttfb`]).
-    pub fn record_stream(&self, backend: Backend, now: Instant, latency: Duration, error: bool) {
-        let sec = self.second(now);
-        let Ok(mut ring) = self.rings[backend.index()].lock() else {
-            return;
-        };
-        let slot = ring.slot(sec);
-        slot.count += 1;
-        slot.errors += u64::from(error);
-        slot.hist[bucket_of(latency)] += 1;
+        if first_byte {
+            slot.ttfb[b] += 1;
+            slot.ttfb_count += 1;
+        }
     }
 
     /// A stream's first body byte, `ttfb` after its request began.

@@ -141,11 +141,6 @@ impl Serverless {
         })
     }
 
-    /// Whether the endpoint is cold now.
-    pub fn is_cold(&self) -> bool {
-        self.cold_lock().since.is_some()
-    }
-
     /// The endpoint as `/health` and the status report show it.
     pub fn state(&self) -> ServerlessState {
         let since = self.cold_lock().since;

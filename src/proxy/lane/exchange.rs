@@ -142,13 +142,14 @@ impl Exchange<'_> {
                 // A stream is recorded at its head (its end is the observer's); a body of known
                 // length once it is written, with its time to the last byte in one go.
                 if chunked {
-                    proxy.record_stream_head(
+                    proxy.record_head(
                         &snap,
                         served_by,
                         label,
                         Some(status.as_u16()),
                         start,
                         status.is_server_error(),
+                        true,
                     );
                 }
                 let expose = snap.expose_backend_header.then_some(served_by);
