@@ -789,3 +789,296 @@ async fn mirrored_plain_requests_carry_the_forwarded_head_and_are_compared() {
     let r = c.ask("GET /after HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert_eq!(r.status, 200);
 }
+
+/// The requests a [`raw_echo`] backend kept, as (head, body) pairs, health probes left out.
+fn kept(seen: &RawSeen) -> Vec<(String, Vec<u8>)> {
+    let seen = seen.lock().unwrap();
+    seen.iter()
+        .filter(|(head, _)| !head.contains("user-agent: vastshift-health"))
+        .cloned()
+        .collect()
+}
+
+/// Whether a kept head has a field line, with its name exactly as written.
+fn has_line(head: &str, line: &str) -> bool {
+    head.split("\r\n").any(|l| l == line)
+}
+
+/// A JSON document of exactly `n` bytes.
+fn json_of_len(n: usize) -> String {
+    let pad = n - r#"{"prompt":""}"#.len();
+    format!(r#"{{"prompt":"{}"}}"#, "x".repeat(pad))
+}
+
+#[tokio::test]
+async fn bodies_up_to_64_kib_are_read_whole_on_the_lane_and_larger_ones_streamed_by_hyper() {
+    let (url, seen) = raw_echo().await;
+    let (vs, mut c) = connected(proxy("").legacy_url(url)).await;
+    // The lane passes the client's field names as written; hyper's path lowercases them, so
+    // the case the backend sees tells which path served a request.
+    let mut sent = Vec::new();
+    for (method, n) in [
+        ("POST", 1024),
+        ("PUT", 10),
+        ("POST", 64 * 1024),
+        ("PATCH", 1),
+    ] {
+        let body = json_of_len(n.max(13));
+        let r = c
+            .ask(&format!(
+                "{method} /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            ))
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.text(), body, "the answer is the body echoed");
+        sent.push((method, body));
+    }
+    // No length: no body, and the upstream is told so.
+    let r = c.ask("POST /empty HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!((r.status, r.text().as_str()), (200, ""));
+    let got = kept(&seen);
+    assert_eq!(got.len(), 5);
+    for ((method, body), (head, received)) in sent.iter().zip(&got) {
+        assert!(
+            head.starts_with(&format!("{method} /v1/completions HTTP/1.1\r\n")),
+            "{head}"
+        );
+        assert!(
+            has_line(head, "Content-Type: application/json"),
+            "not the lane's head: {head}"
+        );
+        assert!(
+            has_line(head, &format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
+        assert_eq!(
+            head.to_ascii_lowercase().matches("content-length").count(),
+            1,
+            "{head}"
+        );
+        assert_eq!(received, body.as_bytes());
+    }
+    assert!(has_line(&got[4].0, "content-length: 0"), "{}", got[4].0);
+
+    // One byte over the bound: hyper's path streams it, on the same connection.
+    let big = json_of_len(64 * 1024 + 1);
+    let r = c
+        .ask(&format!(
+            "POST /big HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{big}",
+            big.len()
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text().len(), big.len());
+    let (head, received) = kept(&seen).pop().unwrap();
+    assert!(
+        has_line(&head, "content-type: application/json"),
+        "not hyper's head: {head}"
+    );
+    assert_eq!(received, big.as_bytes());
+    let r = c.ask("GET /after HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(kept(&seen).len(), 7);
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_before_the_body_and_not_passed_on() {
+    let (url, seen) = raw_echo().await;
+    let (vs, mut c) = connected(proxy("").legacy_url(url)).await;
+    for n in [11, 64 * 1024 + 1] {
+        let body = json_of_len(n.max(13));
+        c.send(format!(
+            "POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Expect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        ))
+        .await;
+        // The client waits: nothing reaches the backend before it sends its body.
+        assert_eq!(c.take_line().await, "HTTP/1.1 100 Continue");
+        assert_eq!(c.take_line().await, "");
+        c.send(&body).await;
+        let r = c.response().await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.text(), body);
+        let (head, received) = kept(&seen).pop().unwrap();
+        assert!(!head.to_ascii_lowercase().contains("expect"), "{head}");
+        assert_eq!(received, body.as_bytes());
+    }
+    // The first, small, went by the lane; the second by hyper's path.
+    let got = kept(&seen);
+    assert!(
+        has_line(&got[0].0, "Content-Type: application/json"),
+        "{}",
+        got[0].0
+    );
+    assert!(
+        has_line(&got[1].0, "content-type: application/json"),
+        "{}",
+        got[1].0
+    );
+
+    // A client that sends its body with the head anyway is answered without an interim 100.
+    let mut c = Conn::open(vs.addr).await;
+    let r = c
+        .ask("POST /eager HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello")
+        .await;
+    assert_eq!(r.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(r.text(), "hello");
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn framing_attacks_on_body_requests_never_reach_the_backend_as_another_request() {
+    let (url, seen) = raw_echo().await;
+    let vs = proxy("").legacy_url(url).await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    // Each of these lengths is one the lane leaves to hyper's path, which refuses it (both
+    // framings at once are tests/proxying.rs's smuggling cases: Transfer-Encoding sends any
+    // request to hyper's path).
+    for length in [
+        "Content-Length: 5\r\nContent-Length: 6",
+        "Content-Length: 5, 6",
+        "Content-Length: +5",
+        "Content-Length: -5",
+        "Content-Length: 0x5",
+        "Content-Length: 5 5",
+        "Transfer-Encoding: gzip",
+    ] {
+        let mut c = Conn::open(vs.addr).await;
+        c.send(format!(
+            "POST /attack HTTP/1.1\r\nHost: x\r\n{length}\r\n\r\n0\r\n\r\n{smuggled}"
+        ))
+        .await;
+        let answered = c.closed().await;
+        let text = String::from_utf8_lossy(&answered);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{length}: {text}");
+        assert_eq!(
+            text.matches("HTTP/1.1 ").count(),
+            1,
+            "{length}: two answers: {text}"
+        );
+    }
+    // A body that holds a request stays a body, and its own length frames it upstream.
+    let mut c = Conn::open(vs.addr).await;
+    let r = c
+        .ask(&format!(
+            "POST /carrier HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        ))
+        .await;
+    assert_eq!(r.text(), smuggled);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let kept = kept(&seen);
+    assert_eq!(
+        kept.len(),
+        1,
+        "only the carrier reached the backend: {kept:?}"
+    );
+    for (head, body) in kept {
+        assert!(!head.starts_with("GET /smuggled"), "{head}");
+        let lower = head.to_ascii_lowercase();
+        let len = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |v| v.parse::<usize>().unwrap());
+        assert_eq!(len, body.len(), "framed as it says: {head}");
+    }
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_body_gets_408_and_an_abandoned_one_reaches_no_backend() {
+    let (url, seen) = raw_echo().await;
+    let vs = proxy("client_body_timeout_ms = 300\n")
+        .legacy_url(url)
+        .await;
+    let mut c = Conn::open(vs.addr).await;
+    let t0 = Instant::now();
+    c.send(
+        "POST /slow HTTP/1.1\r\nHost: x\r\nX-Request-Id: slow-1\r\nContent-Length: 10\r\n\r\nabc",
+    )
+    .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 408, "{r:?}");
+    assert_eq!(r.header("x-request-id"), Some("slow-1"));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(c.closed().await.is_empty());
+    assert_eq!(
+        vs.metric("vastshift_client_errors_total{kind=\"timeout\"}")
+            .await,
+        1.0
+    );
+
+    let mut c = Conn::open(vs.addr).await;
+    c.send("POST /gone HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        .await;
+    drop(c);
+    assert!(
+        eventually(3.0, || async {
+            vs.metric("vastshift_client_errors_total{kind=\"aborted\"}")
+                .await
+                == 1.0
+        })
+        .await
+    );
+    assert!(kept(&seen).is_empty(), "a partial body reached the backend");
+    vs.stop().await;
+}
+
+#[tokio::test]
+async fn a_posted_body_is_replayed_on_legacy_when_vastai_spills_and_mirrored_whole() {
+    // vastai answers 429: the POST it did not process goes to legacy with its body.
+    let (url, seen) = raw_echo().await;
+    let vs = Kit::new()
+        .legacy_url(url)
+        .vastai(|_req| async { respond(429, "busy") })
+        .config("[split]\npercent = 100\nfallback = true\n")
+        .await;
+    let mut c = Conn::open(vs.addr).await;
+    let body = json_of_len(2048);
+    let r = c
+        .ask(&format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-vastshift-backend"), Some("legacy"));
+    assert_eq!(r.text(), body);
+    let (head, received) = kept(&seen).pop().unwrap();
+    assert!(has_line(&head, "Content-Type: application/json"), "{head}");
+    assert_eq!(received, body.as_bytes());
+    assert_eq!(vs.vastai().count(), 1);
+    assert_eq!(
+        vs.metric("vastshift_spills_total{reason=\"rate_limited\"}")
+            .await,
+        1.0
+    );
+    vs.stop().await;
+
+    // Mirrored: the target gets the head the primary got and the whole body.
+    let (url, seen) = raw_echo().await;
+    let vs = Kit::new()
+        .legacy(|req| echo("legacy", req))
+        .vastai_url(url)
+        .config("[split]\npercent = 0\n[shadow]\nenabled = true\nmethods = [\"POST\"]\n")
+        .await;
+    let mut c = Conn::open(vs.addr).await;
+    let r = c
+        .ask(&format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .await;
+    assert_eq!(r.text(), format!("legacy POST /v1/completions body={body}"));
+    assert!(eventually(3.0, || async { !kept(&seen).is_empty() }).await);
+    let (head, received) = kept(&seen).pop().unwrap();
+    assert!(has_line(&head, "x-vastshift-shadow: 1"), "{head}");
+    assert!(has_line(&head, "Content-Type: application/json"), "{head}");
+    assert_eq!(received, body.as_bytes());
+    vs.stop().await;
+}

@@ -239,53 +239,13 @@ async fn a_mirror_is_bounded_by_the_shorter_of_the_shadow_and_target_timeouts() 
     }
 }
 
-/// A mirror target that echoes each request's body, keeping every request's head (lowercased)
-/// and body as received.
-async fn raw_echo() -> (String, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let kept = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&kept);
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let seen = Arc::clone(&seen);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = vec![0u8; 64 * 1024];
-                while let Some(head) = read_request_head(&mut conn, &mut buf).await {
-                    let head = head.to_ascii_lowercase();
-                    let len = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                    while buf.len() < len {
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let body: Vec<u8> = buf.drain(..len).collect();
-                    let mut reply =
-                        format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes();
-                    reply.extend_from_slice(&body);
-                    seen.lock().unwrap().push((head, body));
-                    if conn.write_all(&reply).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (url, kept)
-}
-
 /// The last request vastshift sent with the mirror marker: its head's lines, and its body.
 fn last_mirror(seen: &Mutex<Vec<(String, Vec<u8>)>>) -> (Vec<String>, Vec<u8>) {
     let seen = seen.lock().unwrap();
     let (head, body) = seen
         .iter()
         .rev()
+        .map(|(head, body)| (head.to_ascii_lowercase(), body))
         .find(|(head, _)| head.contains("x-vastshift-shadow: 1\r\n"))
         .unwrap();
     (head.lines().map(str::to_string).collect(), body.clone())

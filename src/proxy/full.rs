@@ -166,6 +166,9 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         // Only the proxy's own mirrors carry the shadow marker; a client's is removed.
         parts.headers.remove(&X_VASTSHIFT_SHADOW);
+        // `Expect: 100-continue` was answered here (hyper's server sends `100 Continue` when the
+        // body is first read): the upstream gets the body without waiting, as nginx sends it.
+        parts.headers.remove(header::EXPECT);
         // Room for the forwarding headers, x-request-id and Host, in one allocation.
         parts.headers.reserve(6);
         add_forwarding(&mut parts.headers, &client.ip_header, host.as_ref());

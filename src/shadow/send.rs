@@ -31,8 +31,8 @@ const RAW_BODY_MAX: usize = 64 * 1024;
 
 /// How the mirror's request is carried.
 pub enum Outgoing {
-    /// The head in wire form for `target`, with `x-vastshift-shadow: 1` (the lane's, for a
-    /// request without a body).
+    /// The head in wire form for `target`, with `x-vastshift-shadow: 1` (the lane's); the
+    /// task's copy of the body, if any, is written after it.
     Wire {
         target: Arc<HttpUpstream>,
         base: Arc<BaseUrl>,
@@ -160,16 +160,14 @@ async fn send(
 ) -> Result<Answer, UpstreamError> {
     let settings = &context.settings;
     let (uri, mut headers) = match outgoing {
-        Outgoing::Wire { target, base, head } => {
-            return exchange(
-                &target,
-                &base,
-                &head,
-                method,
-                method.is_idempotent(),
-                settings,
-            )
-            .await;
+        Outgoing::Wire {
+            target,
+            base,
+            mut head,
+        } => {
+            head.extend_from_slice(&body);
+            let again = method.is_idempotent() && body.is_empty();
+            return exchange(&target, &base, &head, method, again, settings).await;
         }
         Outgoing::Fields { uri, headers } => (uri, headers),
     };

@@ -352,3 +352,49 @@ pub async fn read_request_head(
     buf.drain(..end);
     Some(head)
 }
+
+/// What a [`raw_echo`] backend was sent: each request's head as received (field names as
+/// written) and its body.
+pub type RawSeen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A backend speaking HTTP/1.1 by hand that echoes each request's body (`Content-Length`
+/// framed) and keeps every request exactly as it arrived, so a test sees the bytes vastshift
+/// wrote: the lane passes the client's field names as written, hyper's path lowercases them.
+pub async fn raw_echo() -> (String, RawSeen) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let kept: RawSeen = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&kept);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                while let Some(head) = read_request_head(&mut conn, &mut buf).await {
+                    let len = head
+                        .to_ascii_lowercase()
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    while buf.len() < len {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..len).collect();
+                    let mut reply =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+                    reply.extend_from_slice(&body);
+                    seen.lock().unwrap().push((head, body));
+                    if conn.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, kept)
+}

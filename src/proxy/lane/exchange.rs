@@ -21,7 +21,7 @@ use crate::proxy::answer::{Kind, Observed, Observer};
 use crate::proxy::policy::{Attempt, Route};
 use crate::proxy::{Client, InFlight, Proxy};
 use crate::shadow::compare::Fields;
-use crate::shadow::{Origin, Outgoing, ShadowTask};
+use crate::shadow::{Origin, Outgoing, ShadowPlan, ShadowTask};
 use crate::upstream::h1::Framing;
 use crate::upstream::headers::{
     self, add_forwarding, new_request_id_bytes, usable_request_id, ForwardingHead, X_REQUEST_ID,
@@ -37,6 +37,8 @@ pub(super) struct Exchange<'a> {
     pub buf: &'a [u8],
     pub fields: &'a [Field],
     pub head: &'a Head,
+    /// The request body, whole (empty for most requests).
+    pub body: &'a [u8],
     pub drain: &'a watch::Receiver<bool>,
 }
 
@@ -96,8 +98,17 @@ impl Exchange<'_> {
         };
 
         let healthy = snap.health.is_healthy(backend.other());
-        let plan = proxy.shadow.plan(&snap.shadow, method, Some(0), healthy);
-        let mirror = proxy.shadow.task(plan, bytes::Bytes::new());
+        let plan = proxy
+            .shadow
+            .plan(&snap.shadow, method, Some(self.body.len() as u64), healthy);
+        // The mirror's copy of the body, taken only for a mirrored request that has one.
+        let copy = match plan {
+            ShadowPlan::Mirror { .. } if !self.body.is_empty() => {
+                bytes::Bytes::copy_from_slice(self.body)
+            }
+            _ => bytes::Bytes::new(),
+        };
+        let mirror = proxy.shadow.task(plan, copy);
 
         let fresh;
         let id = match self.field(Role::RequestId) {
@@ -139,9 +150,23 @@ impl Exchange<'_> {
             Ok(answer) => {
                 let status = answer.head.status;
                 let chunked = matches!(answer.head.framing, Framing::Chunked(_) | Framing::Close);
-                // A stream is recorded at its head (its end is the observer's); a body of known
-                // length once it is written, with its time to the last byte in one go.
-                if chunked {
+                // Streams (chunked, or ended by close) are watched for how they end and for
+                // `usage`, and so is a JSON answer to a POST (an inference answer may end with
+                // its `usage`); any other body only has its time to the last byte taken.
+                let kind = if chunked || *method == Method::POST {
+                    let ct = answer
+                        .head
+                        .fields()
+                        .find(|(n, _)| n.eq_ignore_ascii_case(b"content-type"))
+                        .map(|(_, v)| v);
+                    Kind::of(ct, chunked)
+                } else {
+                    Kind::PLAIN
+                };
+                let watched = chunked || kind.json;
+                // A watched answer is recorded at its head (its end is the observer's); any
+                // other once it is written, with its time to the last byte in one go.
+                if watched {
                     proxy.record_head(
                         &snap,
                         served_by,
@@ -149,7 +174,7 @@ impl Exchange<'_> {
                         Some(status.as_u16()),
                         start,
                         status.is_server_error(),
-                        true,
+                        kind.stream,
                     );
                 }
                 let expose = snap.expose_backend_header.then_some(served_by);
@@ -162,22 +187,15 @@ impl Exchange<'_> {
                     }),
                     None => None,
                 };
-                // Streams (chunked, or ended by close) are watched for how they end and for
-                // `usage`; a body of known length only has its time to the last byte taken,
-                // here, once it is written (no wrapper, no shared handles on the common path).
-                let body = if chunked {
-                    let ct = answer
-                        .head
-                        .fields()
-                        .find(|(n, _)| n.eq_ignore_ascii_case(b"content-type"))
-                        .map(|(_, v)| v);
+                // No wrapper and no shared handles for a body that is not watched.
+                let body = if watched {
                     let observer = Observer::new(
                         Arc::clone(&snap),
                         Arc::clone(&proxy.metrics),
                         served_by,
                         route,
                         start,
-                        Kind::of(ct, true),
+                        kind,
                     );
                     Observed::new(up.body(answer), observer)
                 } else {
@@ -203,7 +221,7 @@ impl Exchange<'_> {
                         relay(io, out, body, chunked, &mut waited).await
                     }
                 };
-                if !chunked {
+                if !watched {
                     proxy.record_answer(
                         &snap,
                         served_by,
@@ -292,7 +310,10 @@ impl Exchange<'_> {
             .map(|f| slice(self.buf, f.value))
     }
 
-    /// Sends the request to `up`; records the outcome for its health.
+    /// Sends the request (its head, and its body in the same write) to `up`; records the
+    /// outcome for its health. A request that may have been acted on is not sent again on a
+    /// fresh connection when a reused one closes under it: only an idempotent one without a
+    /// body is, as for mirrors.
     async fn send(
         &self,
         snap: &Snapshot,
@@ -303,8 +324,11 @@ impl Exchange<'_> {
         let res = match up.target() {
             Ok(base) => {
                 self.upstream_head(up_head, up, &base, id);
-                let is_head = self.head.method == Method::HEAD;
-                up.exchange(&base, up_head, is_head, true).await
+                up_head.extend_from_slice(self.body);
+                let method = &self.head.method;
+                let again = self.body.is_empty() && method.is_idempotent();
+                up.exchange(&base, up_head, *method == Method::HEAD, again)
+                    .await
             }
             Err(e) => Err(e),
         };
@@ -355,6 +379,11 @@ impl Exchange<'_> {
             host,
         );
         field(dst, b"x-request-id", id);
+        if self.head.unframed {
+            // A POST, PUT or PATCH without a length has none (RFC 9112 §6.3); the upstream is
+            // told so, as hyper's client tells it.
+            dst.extend_from_slice(b"content-length: 0\r\n");
+        }
         if let Some(a) = auth {
             field(dst, b"authorization", a.as_bytes());
         }

@@ -9,10 +9,14 @@ use http::header::HeaderName;
 use http::Method;
 
 use crate::routing::Fields;
+use crate::upstream::h1::content_length;
 use crate::upstream::headers;
 
 /// Request heads with more fields than this go to hyper (which answers 431), as its limit is.
 const MAX_FIELDS: usize = 100;
+/// Request bodies up to this length (`Content-Length`) are read whole by the lane; a longer
+/// one, or one of unknown length (chunked), goes to hyper's path, which streams it.
+pub(super) const MAX_BODY: usize = 64 * 1024;
 
 /// What a request field is to the lane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +50,13 @@ pub(super) struct Head {
     /// The client asked to close after this answer.
     pub(super) close: bool,
     pub(super) host: Option<(usize, usize)>,
+    /// The body's length (`Content-Length`; none is 0), at most [`MAX_BODY`].
+    pub(super) body: usize,
+    /// `Expect: 100-continue`: the client waits for `100 Continue` before it sends the body.
+    pub(super) expect: bool,
+    /// A POST, PUT or PATCH without `Content-Length`: no body, and the upstream is told
+    /// `content-length: 0`.
+    pub(super) unframed: bool,
 }
 
 pub(super) enum Parse {
@@ -102,6 +113,9 @@ pub(super) fn parse(buf: &[u8], fields: &mut Vec<Field>) -> Parse {
         Some("HEAD") => Method::HEAD,
         Some("DELETE") => Method::DELETE,
         Some("OPTIONS") => Method::OPTIONS,
+        Some("POST") => Method::POST,
+        Some("PUT") => Method::PUT,
+        Some("PATCH") => Method::PATCH,
         _ => return Parse::Handoff,
     };
     let start = buf.as_ptr() as usize;
@@ -112,6 +126,7 @@ pub(super) fn parse(buf: &[u8], fields: &mut Vec<Field>) -> Parse {
     let target = span(target);
     fields.clear();
     let (mut close, mut host, mut hosts) = (false, None, 0);
+    let (mut length, mut expect) = (None, false);
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let is = |lower: &[u8]| name.eq_ignore_ascii_case(lower);
@@ -125,7 +140,15 @@ pub(super) fn parse(buf: &[u8], fields: &mut Vec<Field>) -> Parse {
                 host = Some(span(h.value));
                 Role::Host
             }
-            6 if is(b"expect") => return Parse::Handoff,
+            6 if is(b"expect") => {
+                // Answered here (`100 Continue` before the body is read), so not passed on, as
+                // nginx does not; any other expectation is hyper's to refuse (417).
+                if !h.value.eq_ignore_ascii_case(b"100-continue") {
+                    return Parse::Handoff;
+                }
+                expect = true;
+                Role::Drop
+            }
             7 if is(b"upgrade") => return Parse::Handoff,
             10 if is(b"connection") => {
                 for token in h.value.split(|&b| b == b',') {
@@ -142,8 +165,13 @@ pub(super) fn parse(buf: &[u8], fields: &mut Vec<Field>) -> Parse {
             12 if is(b"x-request-id") => Role::RequestId,
             13 if is(b"authorization") => Role::Authorization,
             14 if is(b"content-length") => {
-                if h.value != b"0" {
-                    return Parse::Handoff;
+                // One field of plain digits only: several (equal or not), a list, a sign or
+                // spaces are hyper's to judge (RFC 9112 §6.3), as a length too long for the lane.
+                match content_length(h.value) {
+                    Some(n) if length.is_none() && n <= MAX_BODY as u64 => {
+                        length = Some(n as usize)
+                    }
+                    _ => return Parse::Handoff,
                 }
                 Role::Pass
             }
@@ -166,12 +194,26 @@ pub(super) fn parse(buf: &[u8], fields: &mut Vec<Field>) -> Parse {
     if hosts != 1 {
         return Parse::Handoff;
     }
+    let body = length.unwrap_or(0);
+    let unframed = length.is_none() && matches!(method, Method::POST | Method::PUT | Method::PATCH);
+    // A body on a method that seldom has one (GET, HEAD, OPTIONS) is left to hyper's path.
+    if body > 0
+        && !matches!(
+            method,
+            Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+        )
+    {
+        return Parse::Handoff;
+    }
     Parse::Take(Head {
         len,
         method,
         target,
         close,
         host,
+        body,
+        expect,
+        unframed,
     })
 }
 
@@ -217,10 +259,53 @@ mod tests {
     }
 
     #[test]
+    fn bodies_of_one_plain_length_up_to_the_bound_are_taken() {
+        let (h, fields) = take(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi");
+        assert_eq!((h.method, h.body, h.expect), (Method::POST, 2, false));
+        assert_eq!(fields[1].role, Role::Pass);
+        let max = format!("PUT /p HTTP/1.1\r\nHost: a\r\nContent-Length: {MAX_BODY}\r\n\r\n");
+        assert_eq!(take(max.as_bytes()).0.body, MAX_BODY);
+        let (h, fields) = take(
+            b"PATCH /p HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n",
+        );
+        assert_eq!((h.body, h.expect), (3, true));
+        assert_eq!(
+            fields[1].role,
+            Role::Drop,
+            "Expect is answered, not passed on"
+        );
+        let (h, _) = take(b"POST /p HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(h.body, 0, "no length, no body (RFC 9112 \u{a7}6.3)");
+        let (h, _) = take(b"DELETE /p HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n");
+        assert_eq!(h.body, 4);
+
+        let over = format!(
+            "POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        assert!(handed_off(over.as_bytes()));
+        for length in [
+            "Content-Length: 2\r\nContent-Length: 2",
+            "Content-Length: 2\r\nContent-Length: 3",
+            "Content-Length: 2, 2",
+            "Content-Length: +2",
+            "Content-Length: -1",
+            "Content-Length: 0x10",
+            "Content-Length: 99999999999999999999999",
+            "Content-Length:",
+            "Content-Length: 2\r\nTransfer-Encoding: chunked",
+            "Transfer-Encoding: chunked\r\nContent-Length: 2",
+            "Expect: 200-ok\r\nContent-Length: 2",
+        ] {
+            let req = format!("POST /p HTTP/1.1\r\nHost: a\r\n{length}\r\n\r\nhi");
+            assert!(handed_off(req.as_bytes()), "{length}");
+        }
+    }
+
+    #[test]
     fn everything_else_goes_to_hyper() {
-        assert!(handed_off(
-            b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi"
-        ));
+        assert!(handed_off(b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(handed_off(b"PROPFIND / HTTP/1.1\r\nHost: a\r\n\r\n"));
         assert!(handed_off(b"GET / HTTP/1.0\r\n\r\n"));
         assert!(handed_off(b"GET / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi"));
         assert!(handed_off(
@@ -231,9 +316,6 @@ mod tests {
         ));
         assert!(handed_off(
             b"GET / HTTP/1.1\r\nConnection: x-secret\r\n\r\n"
-        ));
-        assert!(handed_off(
-            b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"
         ));
         assert!(handed_off(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"));
         assert!(handed_off(b"GET http://x/ HTTP/1.1\r\n\r\n"));

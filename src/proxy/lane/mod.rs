@@ -2,9 +2,11 @@
 //! traffic, with hyper's server for everything else.
 //!
 //! Every client connection starts here. A request head is read and parsed (httparse) into an
-//! index over the bytes as received. A request the lane takes — HTTP/1.1; GET, HEAD, DELETE or
-//! OPTIONS; no body; an origin-form target; no upgrade, no `Expect`, no `Connection` token other
-//! than `close` and `keep-alive` — is decided by the same rules as on the full path (one
+//! index over the bytes as received. A request the lane takes — HTTP/1.1; GET, HEAD, DELETE,
+//! OPTIONS, POST, PUT or PATCH; no body, or one of a single plain `Content-Length` up to 64 KiB
+//! (read whole before anything is sent, after a `100 Continue` if the client expects one); an
+//! origin-form target; no upgrade, no `Transfer-Encoding`, no `Connection` token other than
+//! `close` and `keep-alive` — is decided by the same rules as on the full path (one
 //! snapshot, [`crate::proxy::policy`] for placement, fallback, mirroring, errors and recording),
 //! its head rewritten for the upstream as bytes (SPEC §4 through [`crate::upstream::headers`]),
 //! and sent on the upstream's own exchange ([`crate::upstream::h1`]). The answer head goes to
@@ -12,7 +14,8 @@
 //! its length is unknown). There is no `HeaderMap`, no dispatcher task and, for a small answer,
 //! one write.
 //!
-//! Anything else — a body, an upgrade, HTTP/1.0, a head that does not parse or is too large —
+//! Anything else — a chunked or larger body, a body for Serverless (whose payload hyper's path
+//! wraps), an upgrade, HTTP/1.0, a head that does not parse or is too large —
 //! hands the connection, with the bytes already read, to hyper's server for the
 //! rest of its life ([`Outcome::Handoff`]), so every other behaviour keeps one implementation.
 //! Timeouts match that server's: the wait for a request head (the idle keep-alive time
@@ -41,9 +44,13 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use http::Method;
+
+use super::client_body::Fault;
 use super::{Client, Proxy};
+use crate::upstream::headers::{new_request_id_bytes, usable_request_id};
 use exchange::Exchange;
-use head::{parse, Field, Parse};
+use head::{parse, Field, Parse, Role};
 
 /// The first client read buffer; it grows for a long head, which is handed to hyper's server
 /// once it passes `server.max_request_header_bytes`.
@@ -183,19 +190,28 @@ pub async fn serve(
                 _ = &mut drained, if idle => return Outcome::Closed,
             }
         };
+        let end = head.len + head.body;
+        if head.method != Method::GET {
+            match c.body(&proxy, &head, end).await {
+                Body::Ready => {}
+                Body::Handoff => return c.handoff(),
+                Body::Closed => return Outcome::Closed,
+            }
+        }
         let exchange = Exchange {
             proxy: &proxy,
             client: &client,
             buf: &c.buf,
             fields: &c.fields,
             head: &head,
+            body: &c.buf[head.len..end],
             drain: &drain,
         };
         let step = exchange.run(&mut c.io, &mut c.out, &mut c.up_head).await;
         match step {
             // Draining since the answer's head went out: close now, as hyper's server does.
             Step::Next if !*drain.borrow() => {
-                c.buf.advance(head.len);
+                c.buf.advance(end);
                 c.trim();
             }
             Step::Handoff => return c.handoff(),
@@ -207,7 +223,73 @@ pub async fn serve(
     }
 }
 
+/// Where a request's body stands once the lane has tried to read it.
+enum Body {
+    /// Whole in the read buffer, after the head.
+    Ready,
+    /// For hyper's server (nothing was answered yet).
+    Handoff,
+    /// The client went away or stalled (answered 408); the connection is done.
+    Closed,
+}
+
 impl Conn {
+    /// Reads the rest of a request's body (up to `end` in the buffer), bounded between two
+    /// reads by `server.client_body_timeout_ms` as on hyper's path; `100 Continue` first when
+    /// the client waits for it. A body request for Serverless goes to hyper's path, which wraps
+    /// the payload, before anything is answered.
+    async fn body(&mut self, proxy: &Proxy, head: &head::Head, end: usize) -> Body {
+        let body_method = matches!(head.method, Method::POST | Method::PUT | Method::PATCH);
+        if !body_method && head.body == 0 {
+            return Body::Ready;
+        }
+        let snap = proxy.snapshot.load();
+        if body_method && snap.upstreams.serverless() {
+            return Body::Handoff;
+        }
+        if self.buf.len() >= end {
+            return Body::Ready;
+        }
+        if head.expect
+            && self
+                .io
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+        {
+            return Body::Closed;
+        }
+        self.buf.reserve(end - self.buf.len());
+        let wait = snap.client_body_timeout;
+        drop(snap);
+        while self.buf.len() < end {
+            match tokio::time::timeout(wait, self.io.read_buf(&mut self.buf)).await {
+                Ok(Ok(0) | Err(_)) => {
+                    proxy.metrics.client_error(Fault::Aborted.as_str());
+                    return Body::Closed;
+                }
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    // nginx's `client_body_timeout`: 408, and the connection closes.
+                    proxy.metrics.client_error(Fault::Timeout.as_str());
+                    let fresh = new_request_id_bytes();
+                    let id = self
+                        .fields
+                        .iter()
+                        .find(|f| f.role == Role::RequestId)
+                        .map(|f| head::slice(&self.buf, f.value))
+                        .filter(|v| usable_request_id(v))
+                        .unwrap_or(&fresh);
+                    write::client_fault(&mut self.out, Fault::Timeout, id);
+                    let _ = write::flush(&mut self.io, &mut self.out).await;
+                    let _ = self.io.shutdown().await;
+                    return Body::Closed;
+                }
+            }
+        }
+        Body::Ready
+    }
+
     /// After an unusually long head or answer: an idle connection keeps small buffers only.
     fn trim(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > KEEP_BUF {

@@ -14,6 +14,7 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::proxy::client_body::Fault;
 use crate::proxy::policy::{error_json, error_status};
 use crate::upstream::h1::Framing;
 use crate::upstream::pool::Answer;
@@ -233,6 +234,19 @@ pub(super) fn error(
     if *method != Method::HEAD {
         out.extend_from_slice(body.as_bytes());
     }
+}
+
+/// The answer to a client that broke its own request (a stalled body), as hyper's path sends
+/// it; the connection closes after it.
+pub(super) fn client_fault(out: &mut Vec<u8>, fault: Fault, id: &[u8]) {
+    let body = error_json(fault.message(), None);
+    status_line(out, fault.status());
+    out.extend_from_slice(b"content-type: application/json\r\n");
+    field(out, b"x-request-id", id);
+    field(out, b"content-length", body.len().to_string().as_bytes());
+    date(out);
+    end_head(out, true);
+    out.extend_from_slice(body.as_bytes());
 }
 
 fn end_head(out: &mut Vec<u8>, closing: bool) {

@@ -265,6 +265,11 @@ pub(super) fn parse_head(
                     span.keep = false;
                 }
             }
+            if length.is_some() {
+                // Both framings: the body is read by the chunks, but an upstream that sends both
+                // is not trusted with another request (a smuggling or splitting attempt).
+                reusable = false;
+            }
             if chunked {
                 Framing::Chunked(Chunk::Size)
             } else {
@@ -292,7 +297,7 @@ pub(super) fn parse_head(
 }
 
 /// A Content-Length value: one to nineteen decimal digits.
-fn content_length(b: &[u8]) -> Option<u64> {
+pub(crate) fn content_length(b: &[u8]) -> Option<u64> {
     if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
         return None;
     }

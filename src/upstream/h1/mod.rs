@@ -45,6 +45,7 @@ const MAX_READ: usize = 128 * 1024;
 
 mod head;
 
+pub(crate) use head::content_length;
 use head::{parse_head, step_chunk_meta, Parsed, Span};
 pub use head::{Chunk, Framing, Head};
 
