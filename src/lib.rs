@@ -23,6 +23,7 @@
 //! - [`cluster`]: many replicas on one migration: the state shared through etcd, watched,
 //!   written by compare-and-swap; heartbeats and the leader that advances the ramp.
 //! - [`vastai`]: the instance resolver, a control loop that keeps vastai's address current.
+//! - [`adapter`]: jq programs that adapt bodies and SSE events to and from vastai (SPEC §10).
 //! - [`proxy`]: the request path: the shared request policy, hyper's path and the fast
 //!   [`proxy::lane`].
 //! - [`ops`]: the ops listener (admin API, health, metrics) and the status report.
@@ -32,6 +33,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod adapter;
 pub mod app;
 pub mod cli;
 pub mod cluster;
