@@ -192,7 +192,8 @@ pub async fn serve(
         };
         let end = head.len + head.body;
         if head.method != Method::GET {
-            match c.body(&proxy, &head, end).await {
+            // Boxed and out of line: the loop that serves GETs stays as small as it was.
+            match Box::pin(c.body(&proxy, &head, end)).await {
                 Body::Ready => {}
                 Body::Handoff => return c.handoff(),
                 Body::Closed => return Outcome::Closed,
@@ -238,6 +239,7 @@ impl Conn {
     /// reads by `server.client_body_timeout_ms` as on hyper's path; `100 Continue` first when
     /// the client waits for it. A body request for Serverless goes to hyper's path, which wraps
     /// the payload, before anything is answered.
+    #[inline(never)]
     async fn body(&mut self, proxy: &Proxy, head: &head::Head, end: usize) -> Body {
         let body_method = matches!(head.method, Method::POST | Method::PUT | Method::PATCH);
         if !body_method && head.body == 0 {
