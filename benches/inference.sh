@@ -29,36 +29,13 @@ LOAD_CPU=${LOAD_CPU:-0}
 SERVER_CPU=${SERVER_CPU:-1}
 CALLGRIND_SECS=${CALLGRIND_SECS:-8}
 
-need=()
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v wrk >/dev/null || need+=(wrk)
-command -v valgrind >/dev/null || need+=(valgrind)
-command -v taskset >/dev/null || need+=(util-linux)
-if [ ${#need[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-ulimit -n "$(ulimit -Hn)"
+. benches/lib.sh
 
 echo "building vastshift and the SSE load (release)..." >&2
 cargo build --release --quiet --bin vastshift --example sse_load
 BIN=$PWD/target/release/vastshift
 SSE=$PWD/target/release/examples/sse_load
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-on_server() { exec taskset -c "$SERVER_CPU" "$@"; }  # always backgrounded: $! is the server
-on_load() { taskset -c "$LOAD_CPU" "$@"; }
 rss_kib() { awk '$1=="VmRSS:" {print $2}' "/proc/$1/status"; }
 wait_port() { for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never answered" >&2; exit 1; }
 
@@ -69,33 +46,17 @@ VS=$(free_port); VSA=$(free_port); VSS=$(free_port); VSSA=$(free_port); CG=$(fre
 # ---- backends: nginx answering 200 "ok" to anything on two ports (it reads and drops a POST's
 # body); the SSE backend on two ports, on the load core so the proxy's core is the proxy's.
 mkdir -p "$work/backends" "$work/ngproxy"
-cat > "$work/backends/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/backends/nginx.pid;
-error_log $work/backends/error.log warn;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
+{ nginx_preamble "$work/backends"; cat <<EOF
   server { listen 127.0.0.1:$B1; location / { return 200 "ok"; } }
   server { listen 127.0.0.1:$B2; location / { return 200 "ok"; } }
 }
 EOF
+} > "$work/backends/nginx.conf"
 on_server nginx -c "$work/backends/nginx.conf" -p "$work/backends" & pids+=($!)
 (exec taskset -c "$LOAD_CPU" "$SSE" backend "$S1" "$S2") & pids+=($!)
 
 # ---- nginx as the proxy: the POST split, and the SSE split with proxy_buffering off
-cat > "$work/ngproxy/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/ngproxy/nginx.pid;
-error_log $work/ngproxy/error.log warn;
-events { worker_connections 20000; }
-worker_rlimit_nofile 20000;
-http {
-  access_log off;
-  keepalive_requests 1000000;
+{ nginx_preamble "$work/ngproxy"; cat <<EOF
   upstream split { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 64; }
   upstream sse { server 127.0.0.1:$S1; server 127.0.0.1:$S2; keepalive 64; }
   server {
@@ -113,6 +74,7 @@ http {
   }
 }
 EOF
+} > "$work/ngproxy/nginx.conf"
 on_server nginx -c "$work/ngproxy/nginx.conf" -p "$work/ngproxy" & NG_MASTER=$!; pids+=($NG_MASTER)
 
 # ---- HAProxy: the same two splits

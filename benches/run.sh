@@ -30,38 +30,15 @@ RATE_ROUNDS=${RATE_ROUNDS:-$((ROUNDS * 4))} # added-latency rounds (first discar
 ISO_ROUNDS=${ISO_ROUNDS:-$((ROUNDS * 4))}   # parallel-run isolation rounds (first discarded)
 SHADOW_ROUNDS=${SHADOW_ROUNDS:-$((ROUNDS * 4))} # parallel-run cost rounds (first discarded)
 
-need=()
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v wrk >/dev/null || need+=(wrk)
-command -v valgrind >/dev/null || need+=(valgrind)
-command -v taskset >/dev/null || need+=(util-linux)
-if [ ${#need[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-ulimit -n "$(ulimit -Hn)"
+. benches/lib.sh
 
 echo "building vastshift (release)..." >&2
 cargo build --release --quiet
 BIN=$PWD/target/release/vastshift
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 B1=$(free_port); B2=$(free_port); NG=$(free_port); HA=$(free_port)
 VS=$(free_port); VSA=$(free_port); SH=$(free_port); SHA=$(free_port); CG=$(free_port); CGA=$(free_port)
 SHX=$(free_port); SHXA=$(free_port); NGM=$(free_port)
-on_server() { exec taskset -c "$SERVER_CPU" "$@"; }  # always backgrounded: $! is the server
-on_load() { taskset -c "$LOAD_CPU" "$@"; }
 
 # ---- backends: one nginx, one worker, two ports answering 200 "ok"
 ok_backends() { # dir port... -> an nginx config in dir answering 200 "ok" on each port

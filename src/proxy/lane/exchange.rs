@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::head::{slice, Field, Head, RawFields, Role};
+use super::head::{client_request_id, slice, Field, Head, RawFields, Role};
 use super::write::{answer_head, error, field, flush, relay};
 use super::Step;
 use crate::config::BaseUrl;
@@ -24,7 +24,7 @@ use crate::shadow::compare::Fields;
 use crate::shadow::{Origin, Outgoing, ShadowPlan, ShadowTask};
 use crate::upstream::h1::Framing;
 use crate::upstream::headers::{
-    self, add_forwarding, new_request_id_bytes, usable_request_id, ForwardingHead, X_REQUEST_ID,
+    self, add_forwarding, new_request_id_bytes, ForwardingHead, X_REQUEST_ID,
 };
 use crate::upstream::pool::Answer;
 use crate::upstream::{HttpUpstream, UpstreamError};
@@ -111,9 +111,9 @@ impl Exchange<'_> {
         let mirror = proxy.shadow.task(plan, copy);
 
         let fresh;
-        let id = match self.field(Role::RequestId) {
-            Some(v) if usable_request_id(v) => v,
-            _ => {
+        let id = match client_request_id(self.buf, self.fields) {
+            Some(v) => v,
+            None => {
                 fresh = new_request_id_bytes();
                 &fresh[..]
             }
@@ -301,13 +301,6 @@ impl Exchange<'_> {
         add_forwarding(&mut headers, &self.client.ip_header, host.as_ref());
         headers.insert(&X_REQUEST_ID, HeaderValue::from_bytes(id).ok()?);
         Some((uri, headers))
-    }
-
-    fn field(&self, role: Role) -> Option<&[u8]> {
-        self.fields
-            .iter()
-            .find(|f| f.role == role)
-            .map(|f| slice(self.buf, f.value))
     }
 
     /// Sends the request (its head, and its body in the same write) to `up`; records the

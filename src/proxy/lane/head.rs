@@ -86,6 +86,20 @@ pub(super) fn slice(buf: &[u8], (at, n): (usize, usize)) -> &[u8] {
     &buf[at..at + n]
 }
 
+/// The client's `x-request-id`, when it is one the proxy passes on.
+pub(super) fn client_request_id<'a>(buf: &'a [u8], fields: &[Field]) -> Option<&'a [u8]> {
+    fields
+        .iter()
+        .find(|f| f.role == Role::RequestId)
+        .map(|f| slice(buf, f.value))
+        .filter(|v| headers::usable_request_id(v))
+}
+
+/// The methods whose requests normally carry a body (a missing length means an empty one).
+pub(super) fn takes_body(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+}
+
 /// A target the lane forwards byte for byte: origin form, and only characters any upstream
 /// parses the same way; anything else goes to hyper, which validates it.
 fn plain_target(t: &[u8]) -> bool {
@@ -195,14 +209,9 @@ pub(super) fn parse(buf: &[u8], fields: &mut Vec<Field>) -> Parse {
         return Parse::Handoff;
     }
     let body = length.unwrap_or(0);
-    let unframed = length.is_none() && matches!(method, Method::POST | Method::PUT | Method::PATCH);
+    let unframed = length.is_none() && takes_body(&method);
     // A body on a method that seldom has one (GET, HEAD, OPTIONS) is left to hyper's path.
-    if body > 0
-        && !matches!(
-            method,
-            Method::POST | Method::PUT | Method::PATCH | Method::DELETE
-        )
-    {
+    if body > 0 && !takes_body(&method) && method != Method::DELETE {
         return Parse::Handoff;
     }
     Parse::Take(Head {

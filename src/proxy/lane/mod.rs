@@ -39,18 +39,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use http::Method;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use http::Method;
-
 use super::client_body::Fault;
 use super::{Client, Proxy};
-use crate::upstream::headers::{new_request_id_bytes, usable_request_id};
+use crate::upstream::headers::new_request_id_bytes;
 use exchange::Exchange;
-use head::{parse, Field, Parse, Role};
+use head::{parse, Field, Parse};
 
 /// The first client read buffer; it grows for a long head, which is handed to hyper's server
 /// once it passes `server.max_request_header_bytes`.
@@ -241,7 +240,7 @@ impl Conn {
     /// the payload, before anything is answered.
     #[inline(never)]
     async fn body(&mut self, proxy: &Proxy, head: &head::Head, end: usize) -> Body {
-        let body_method = matches!(head.method, Method::POST | Method::PUT | Method::PATCH);
+        let body_method = head::takes_body(&head.method);
         if !body_method && head.body == 0 {
             return Body::Ready;
         }
@@ -275,13 +274,7 @@ impl Conn {
                     // nginx's `client_body_timeout`: 408, and the connection closes.
                     proxy.metrics.client_error(Fault::Timeout.as_str());
                     let fresh = new_request_id_bytes();
-                    let id = self
-                        .fields
-                        .iter()
-                        .find(|f| f.role == Role::RequestId)
-                        .map(|f| head::slice(&self.buf, f.value))
-                        .filter(|v| usable_request_id(v))
-                        .unwrap_or(&fresh);
+                    let id = head::client_request_id(&self.buf, &self.fields).unwrap_or(&fresh);
                     write::client_fault(&mut self.out, Fault::Timeout, id);
                     let _ = write::flush(&mut self.io, &mut self.out).await;
                     let _ = self.io.shutdown().await;

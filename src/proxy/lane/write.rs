@@ -224,29 +224,47 @@ pub(super) fn error(
     closing: bool,
 ) {
     let body = error_json(&e.message, Some(backend));
-    status_line(out, error_status(e));
-    out.extend_from_slice(b"content-type: application/json\r\n");
-    field(out, b"x-request-id", id);
-    field(out, b"x-vastshift-backend", backend.as_str().as_bytes());
-    field(out, b"content-length", body.len().to_string().as_bytes());
-    date(out);
-    end_head(out, closing);
-    if *method != Method::HEAD {
-        out.extend_from_slice(body.as_bytes());
-    }
+    let send_body = *method != Method::HEAD;
+    json_answer(
+        out,
+        error_status(e),
+        &body,
+        id,
+        Some(backend),
+        closing,
+        send_body,
+    );
 }
 
 /// The answer to a client that broke its own request (a stalled body), as hyper's path sends
 /// it; the connection closes after it.
 pub(super) fn client_fault(out: &mut Vec<u8>, fault: Fault, id: &[u8]) {
     let body = error_json(fault.message(), None);
-    status_line(out, fault.status());
+    json_answer(out, fault.status(), &body, id, None, true, true);
+}
+
+/// A JSON answer of vastshift's own, naming the backend when there is one.
+fn json_answer(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    body: &str,
+    id: &[u8],
+    backend: Option<Backend>,
+    closing: bool,
+    send_body: bool,
+) {
+    status_line(out, status);
     out.extend_from_slice(b"content-type: application/json\r\n");
     field(out, b"x-request-id", id);
+    if let Some(b) = backend {
+        field(out, b"x-vastshift-backend", b.as_str().as_bytes());
+    }
     field(out, b"content-length", body.len().to_string().as_bytes());
     date(out);
-    end_head(out, true);
-    out.extend_from_slice(body.as_bytes());
+    end_head(out, closing);
+    if send_body {
+        out.extend_from_slice(body.as_bytes());
+    }
 }
 
 fn end_head(out: &mut Vec<u8>, closing: bool) {
