@@ -327,6 +327,24 @@ impl Program {
         self.run_with(input, vars, Limits::default())
     }
 
+    /// [`Program::run_with`] for async callers: the run is handed off at once (the variables
+    /// converted before this returns), and the future, `'static`, resolves to its result without
+    /// blocking an async worker thread.
+    pub fn run_async(
+        &self,
+        input: Value,
+        vars: &Vars,
+        limits: Limits,
+    ) -> impl std::future::Future<Output = Result<Option<Value>, RunError>> + Send + 'static {
+        let program = self.clone();
+        let vars = vars.clone();
+        async move {
+            tokio::task::spawn_blocking(move || program.run_with(input, &vars, limits))
+                .await
+                .unwrap_or_else(|e| Err(RunError::Panic(e.to_string())))
+        }
+    }
+
     /// [`Program::run`] within the given bounds.
     pub fn run_with(
         &self,
