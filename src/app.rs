@@ -67,6 +67,7 @@ impl App {
     pub fn build(config: Config, opts: Options) -> Result<Arc<App>, AppError> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new()?);
+        metrics.declare_adapters(config.adapters.keys().map(String::as_str));
         let upstreams = Upstreams::build(&config, &opts.env)?;
         let store = opts
             .store

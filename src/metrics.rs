@@ -123,6 +123,7 @@ pub struct Metrics {
     duration: HistogramVec,
     upstream_errors: IntCounterVec,
     fallbacks: IntCounterVec,
+    adapter_errors: IntCounterVec,
     split_percent: prometheus::GaugeVec,
     rollbacks: IntCounterVec,
     reloads: IntCounterVec,
@@ -300,6 +301,13 @@ impl Metrics {
             ),
             &["route"],
         )?;
+        let adapter_errors = IntCounterVec::new(
+            Opts::new(
+                "vastshift_adapter_errors_total",
+                "Requests, answers and SSE events an adapter could not take, by stage.",
+            ),
+            &["adapter", "stage"],
+        )?;
         let split_percent = prometheus::GaugeVec::new(
             Opts::new(
                 "vastshift_split_percent",
@@ -424,6 +432,7 @@ impl Metrics {
             &requests,
             &upstream_errors,
             &fallbacks,
+            &adapter_errors,
             &rollbacks,
             &reloads,
             &shadow,
@@ -470,6 +479,7 @@ impl Metrics {
             duration,
             upstream_errors,
             fallbacks,
+            adapter_errors,
             split_percent,
             rollbacks,
             reloads,
@@ -742,6 +752,23 @@ impl Metrics {
         self.healthy
             .with_label_values(&[backend.as_str()])
             .set(i64::from(healthy));
+    }
+
+    /// An adapter could not take a request, an answer or an event (SPEC §10).
+    pub fn adapter_error(&self, adapter: &str, stage: crate::adapter::Stage) {
+        self.adapter_errors
+            .with_label_values(&[adapter, stage.as_str()])
+            .inc();
+    }
+
+    /// Shows every stage of the given adapters at 0 before any failure.
+    pub fn declare_adapters<'a>(&self, names: impl Iterator<Item = &'a str>) {
+        for name in names {
+            for stage in crate::adapter::Stage::ALL {
+                self.adapter_errors
+                    .with_label_values(&[name, stage.as_str()]);
+            }
+        }
     }
 
     pub fn fallback_counter(&self, route: &str) -> IntCounter {

@@ -118,6 +118,8 @@ impl Reloader {
         {
             tracing::warn!("listen addresses changed in the file; they apply at the next restart");
         }
+        self.metrics
+            .declare_adapters(config.adapters.keys().map(String::as_str));
         // Everything is built; control publishes it in one swap, so a request sees either the
         // old or the new config, never a mix.
         self.control.apply_file(Arc::new(config), upstreams);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, Method};
 
+use crate::adapter::Adapter;
 use crate::config::{Percent, Sticky};
 use crate::vocab::Backend;
 
@@ -33,6 +34,8 @@ pub struct RouteEntry {
     pub methods: Option<Vec<Method>>,
     pub percent: Percent,
     pub source: Source,
+    /// The adapter applied to this route's requests to vastai (SPEC §10).
+    pub adapter: Option<Arc<Adapter>>,
 }
 
 impl RouteEntry {
@@ -121,6 +124,17 @@ impl RoutingTable {
         match r {
             RouteRef::Default => "default",
             RouteRef::Route(i) => self.routes.get(i).map_or("default", |r| &r.name),
+        }
+    }
+
+    /// The adapter of a route, with the route's prefix (what the adapter's `path` replaces).
+    pub fn route_adapter(&self, r: RouteRef) -> Option<(&Arc<Adapter>, &str)> {
+        match r {
+            RouteRef::Default => None,
+            RouteRef::Route(i) => self
+                .routes
+                .get(i)
+                .and_then(|r| r.adapter.as_ref().map(|a| (a, r.prefix.as_str()))),
         }
     }
 
@@ -342,6 +356,7 @@ mod tests {
                 methods: Some(vec![Method::GET, Method::HEAD]),
                 percent: Percent::from_hundredths(5000).expect("in range"),
                 source: Source::File,
+                adapter: None,
             }],
             ..RoutingTable::all_legacy()
         }

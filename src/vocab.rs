@@ -1,5 +1,5 @@
-//! The words every part of vastshift shares: the two backends, why an upstream call failed, and
-//! the wall clock as written in documents. Imports nothing from the rest of the crate, so any
+//! The words every part of vastshift shares: the two backends, why an upstream call failed, the
+//! hop-by-hop fields, and the wall clock as written in documents. Imports nothing from the rest of the crate, so any
 //! module may use it without an arrow climbing back up.
 
 /// The two sides of the migration. Spelled `legacy` and `vastai` everywhere.
@@ -66,6 +66,27 @@ impl ErrorKind {
 /// The current wall-clock time, RFC 3339 in UTC, as the audit log and documents write it.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// The hop-by-hop fields every message loses (RFC 9110 §7.6.1), by lowercase name, besides the
+/// ones `Connection` names.
+pub const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether a field name, in any case, is one of [`HOP_BY_HOP`].
+pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    // Most names are settled by their length alone.
+    matches!(name.len(), 2 | 7 | 10 | 16 | 17)
+        && HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 #[cfg(test)]

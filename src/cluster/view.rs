@@ -172,12 +172,12 @@ impl View {
     }
 }
 
-/// A hash of what routing depends on in `config` (split, routes, shadow, guard, ramp), not the
+/// A hash of what routing depends on in `config` (split, routes, adapters, shadow, guard, ramp), not the
 /// listeners or the replica id: replicas with the same file agree on it.
 pub fn config_hash(config: &Config) -> String {
     let text = format!(
-        "{:?}|{:?}|{:?}|{:?}|{:?}",
-        config.split, config.routes, config.shadow, config.guard, config.ramp
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+        config.split, config.routes, config.adapters, config.shadow, config.guard, config.ramp
     );
     // FNV-1a, 64 bits: stable across processes and versions of the standard library.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

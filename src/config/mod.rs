@@ -11,12 +11,14 @@
 //!   `[validation]`, with their defaults.
 //! - [`upstream`]: `[legacy]` and `[vastai]`.
 
+pub mod adapter;
 pub mod sections;
 pub mod upstream;
 pub mod values;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -63,6 +65,8 @@ pub struct Config {
     pub ramp: RampConfig,
     pub validation: ValidationConfig,
     pub store: StoreConfig,
+    /// `[adapter.NAME]`, compiled, by name.
+    pub adapters: BTreeMap<String, Arc<crate::adapter::Adapter>>,
     /// The folder relative paths (state file, CA files) are resolved against.
     pub base_dir: PathBuf,
 }
@@ -89,6 +93,8 @@ struct File {
     validation: ValidationConfig,
     #[serde(default)]
     store: StoreConfig,
+    #[serde(default, rename = "adapter")]
+    adapters: BTreeMap<String, adapter::RawAdapter>,
 }
 
 /// Reads, parses and validates a config file. Relative paths in it resolve against its folder.
@@ -140,6 +146,7 @@ pub fn parse(text: &str, base_dir: PathBuf) -> Result<Config, ConfigError> {
         ramp: file.ramp,
         validation: file.validation,
         store: file.store,
+        adapters: adapter::compile_all(file.adapters)?,
         base_dir,
     };
     config.validate()?;
@@ -256,6 +263,15 @@ impl Config {
             }
             if !r.path_prefix.starts_with('/') {
                 return Err(invalid(field("path_prefix"), "must start with /"));
+            }
+            if let Some(a) = &r.adapter {
+                if !self.adapters.contains_key(a) {
+                    let known: Vec<&str> = self.adapters.keys().map(String::as_str).collect();
+                    return Err(invalid(
+                        field("adapter"),
+                        format!("no [adapter.{a}] (adapters: {known:?})"),
+                    ));
+                }
             }
         }
         Ok(())

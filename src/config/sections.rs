@@ -95,6 +95,9 @@ pub struct RouteConfig {
     #[serde(default, deserialize_with = "values::some_methods")]
     pub methods: Option<Vec<Method>>,
     pub percent: Percent,
+    /// The `[adapter.NAME]` applied to this route's requests to vastai (SPEC §10).
+    #[serde(default)]
+    pub adapter: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -106,6 +106,10 @@ pub(super) fn build_table(inner: &Inner) -> RoutingTable {
                 methods: r.methods.clone(),
                 percent,
                 source,
+                adapter: r
+                    .adapter
+                    .as_ref()
+                    .and_then(|a| file.adapters.get(a).cloned()),
             }
         })
         .collect();

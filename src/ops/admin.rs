@@ -366,6 +366,8 @@ async fn explain(
             format!("no key: a random bucket per request; {percent}% of such requests go to vastai")
         }
     };
+    // The adapter applies to the route's requests to vastai, mirrors included (SPEC §10).
+    let adapter = table.route_adapter(route).map(|(a, _)| a.name.as_str());
     Ok(Json(json!({
         "route": table.route_name(route),
         "percent": percent,
@@ -373,6 +375,7 @@ async fn explain(
         "backend": d.backend.as_str(),
         "reason": reason,
         "rolled_back": table.rolled_back,
+        "adapter": adapter,
     }))
     .into_response())
 }

@@ -33,26 +33,7 @@ forwarding_values! {
     VIA = "1.1 vastshift", VIA_LINE = "via";
 }
 
-/// The hop-by-hop fields every message loses (RFC 9110 §7.6.1), by lowercase name, besides the
-/// ones `Connection` names.
-pub const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Whether a field name, in any case, is one of [`HOP_BY_HOP`].
-pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
-    // Most names are settled by their length alone.
-    matches!(name.len(), 2 | 7 | 10 | 16 | 17)
-        && HOP_BY_HOP
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-}
+pub use crate::vocab::{is_hop_by_hop_name, HOP_BY_HOP};
 
 /// The hop-by-hop headers every message loses.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
