@@ -15,10 +15,13 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use super::adapted::MirrorAdapter;
 use super::answer::{Kind, Observed, Observer};
 use super::client_body::{ClientBody, Fault, FaultSlot};
 use super::policy::{error_json, error_status, is_json_post, Attempt, Route};
 use super::{Client, InFlight, Proxy, Tracked};
+use crate::adapter::program::Vars;
+use crate::adapter::Adapter;
 use crate::control::Snapshot;
 use crate::shadow::compare::Fields;
 use crate::shadow::{Origin, Outgoing as MirrorRequest, ShadowTask};
@@ -30,10 +33,10 @@ use crate::upstream::{full, Body, HttpUpstream, UpstreamBody, UpstreamError};
 use crate::vocab::{Backend, ErrorKind};
 
 /// A request ready to be sent upstream, kept apart so it can be rebuilt for a replay.
-struct Outgoing {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+pub(super) struct Outgoing {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
 }
 
 impl Outgoing {
@@ -57,7 +60,7 @@ impl Outgoing {
 }
 
 /// A JSON error answer naming the backend.
-fn error_response(
+pub(super) fn error_response(
     status: StatusCode,
     message: &str,
     backend: Option<Backend>,
@@ -129,10 +132,12 @@ fn check_target_and_host(
     Ok(())
 }
 
-/// A mirror waiting for the primary's answer: its task and the request it repeats.
-struct Pending {
-    task: ShadowTask,
-    out: Outgoing,
+/// A mirror waiting for the primary's answer: its task, the request it repeats and, for a
+/// mirror to vastai on a route with an adapter, what adapts it.
+pub(super) struct Pending {
+    pub task: ShadowTask,
+    pub out: Outgoing,
+    pub adapt: Option<MirrorAdapter>,
 }
 
 impl Proxy {
@@ -160,6 +165,30 @@ impl Proxy {
             name: route_name,
         };
         let id = request_id(&parts.headers);
+
+        let adapter = table.route_adapter(route);
+        if let (Some((adapter, prefix)), Backend::Vastai) = (adapter, decision.backend) {
+            if upgrade_protocol(&parts.headers).is_none() {
+                let (adapter, prefix) = (Arc::clone(adapter), prefix.to_owned());
+                let call = (parts, body, id);
+                return Box::pin(
+                    self.adapted_full(&snap, &client, &adapter, &prefix, call, label, start),
+                )
+                .await;
+            }
+        }
+        // A mirror to vastai on a route with an adapter is adapted: it needs the fields as the
+        // client sent them.
+        let adapt = adapter.map(|(adapter, prefix)| MirrorAdapter {
+            adapter: Arc::clone(adapter),
+            prefix: prefix.to_owned(),
+            vars: Vars::from_request(
+                &parts.method,
+                parts.uri.path(),
+                parts.uri.query(),
+                &parts.headers,
+            ),
+        });
 
         let host = parts.headers.get(header::HOST).cloned();
         let upgrade = upgrade_protocol(&parts.headers);
@@ -305,14 +334,113 @@ impl Proxy {
         let shadow_tee = self.keep_mirror(shadow_tee, result.is_ok(), backend, served_by);
         match result {
             Ok(resp) => {
-                let mirror = shadow_tee.zip(out).map(|(task, out)| Pending { task, out });
+                // Only a mirror to vastai is adapted.
+                let adapt = adapt.filter(|_| served_by == Backend::Legacy);
+                let mirror = shadow_tee
+                    .zip(out)
+                    .map(|(task, out)| Pending { task, out, adapt });
                 self.finish(
-                    resp, &snap, served_by, label, &id, start, on_upgrade, mirror,
+                    resp, &snap, served_by, label, &id, start, on_upgrade, mirror, None,
                 )
             }
             Err(e) => {
                 self.record_error(&snap, served_by, label, &e, start);
                 error_response(error_status(&e), &e.message, Some(served_by), &id)
+            }
+        }
+    }
+
+    /// hyper's side of [`Proxy::adapted`]: the body read whole up to the adapter's
+    /// `max_body_bytes` (bounded between reads by `server.client_body_timeout_ms`); a larger one
+    /// cannot be adapted, so legacy serves it as it streams, counted as a request the adapter
+    /// could not take.
+    #[allow(clippy::too_many_arguments)]
+    async fn adapted_full(
+        &self,
+        snap: &Arc<Snapshot>,
+        client: &Client,
+        adapter: &Arc<Adapter>,
+        prefix: &str,
+        (parts, body, id): (http::request::Parts, Incoming, HeaderValue),
+        label: Route<'_>,
+        start: Instant,
+    ) -> Response<Body> {
+        let fault = FaultSlot::default();
+        let body = ClientBody::new(body, snap.client_body_timeout, fault.clone());
+        let max = adapter.max_body_bytes;
+        let whole = match super::adapted::read_up_to(body, max).await {
+            Ok(super::adapted::Read::Whole(bytes)) => bytes,
+            Ok(super::adapted::Read::Over(rest)) => {
+                let e = crate::adapter::AdaptError {
+                    adapter: adapter.name.clone(),
+                    stage: crate::adapter::Stage::Request,
+                    message: format!("the request body is larger than max_body_bytes ({max})"),
+                };
+                return Box::pin(self.unadapted(snap, client, parts, rest, &id, label, start, &e))
+                    .await;
+            }
+            Err(()) => {
+                let f = fault.get().unwrap_or(Fault::Framing);
+                return self.client_failed(f, &id);
+            }
+        };
+        let call = super::adapted::Call {
+            method: parts.method,
+            uri: parts.uri,
+            headers: parts.headers,
+            body: whole,
+            id,
+        };
+        self.adapted(snap, client, adapter, prefix, call, label, start)
+            .await
+    }
+
+    /// A request the adapter could not take because of its size, on legacy as it streams.
+    #[allow(clippy::too_many_arguments)]
+    async fn unadapted(
+        &self,
+        snap: &Arc<Snapshot>,
+        client: &Client,
+        parts: http::request::Parts,
+        body: Body,
+        id: &HeaderValue,
+        label: Route<'_>,
+        start: Instant,
+        e: &crate::adapter::AdaptError,
+    ) -> Response<Body> {
+        self.metrics.adapter_error(&e.adapter, e.stage);
+        tracing::info!(error = %e, "adapter could not take it; legacy serves it");
+        let headers = super::adapted::forwarded(&parts.headers, &client.ip_header, id);
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method;
+        *req.uri_mut() = parts.uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+        if req.body().size_hint().exact().is_none() {
+            req.headers_mut().remove(header::CONTENT_LENGTH);
+            req.headers_mut().insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
+        let guard = InFlight::new(self.metrics.in_flight(Backend::Legacy));
+        let res = self.send_http(snap, &snap.upstreams.legacy, req).await;
+        drop(guard);
+        match res {
+            Ok(resp) => self.finish(
+                resp,
+                snap,
+                Backend::Legacy,
+                label,
+                id,
+                start,
+                None,
+                None,
+                None,
+            ),
+            Err(e) => {
+                self.record_error(snap, Backend::Legacy, label, &e, start);
+                error_response(error_status(&e), &e.message, Some(Backend::Legacy), id)
             }
         }
     }
@@ -378,10 +506,13 @@ impl Proxy {
         res
     }
 
+    /// The answer for the client: recorded at its head, its fields made fit for the client, its
+    /// body observed (time to the last byte, `usage`), rewritten event by event by `events`
+    /// (after the observer, which reads the upstream's own events), and teed to the mirror.
     #[allow(clippy::too_many_arguments)]
-    fn finish(
+    pub(super) fn finish<B>(
         &self,
-        resp: Response<UpstreamBody>,
+        resp: Response<B>,
         snap: &Arc<Snapshot>,
         backend: Backend,
         route: Route<'_>,
@@ -389,7 +520,12 @@ impl Proxy {
         start: Instant,
         on_upgrade: Option<OnUpgrade>,
         mirror: Option<Pending>,
-    ) -> Response<Body> {
+        events: Option<(Arc<Adapter>, Vars)>,
+    ) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<crate::upstream::BoxError>,
+    {
         let status = resp.status();
         let kind = if status == StatusCode::SWITCHING_PROTOCOLS {
             Kind::PLAIN
@@ -463,18 +599,35 @@ impl Proxy {
             observer,
         )
         .boxed_unsync();
+        let body = match events {
+            Some((adapter, vars)) => events_body(body, &self.metrics, adapter, vars),
+            None => body,
+        };
         let body = match mirror {
             None => body,
-            Some(Pending { task, out }) => {
+            Some(Pending { task, out, adapt }) => {
                 let origin = Origin {
                     method: out.method,
                     target: out.uri.path().to_string(),
                     route: route.name.to_string(),
                     served_by: backend,
                 };
-                let outgoing = MirrorRequest::Fields {
-                    uri: out.uri,
-                    headers: out.headers,
+                let outgoing = match adapt {
+                    Some(MirrorAdapter {
+                        adapter,
+                        prefix,
+                        vars,
+                    }) => MirrorRequest::Adapted {
+                        adapter,
+                        prefix,
+                        vars: Box::new(vars),
+                        uri: out.uri,
+                        headers: out.headers,
+                    },
+                    None => MirrorRequest::Fields {
+                        uri: out.uri,
+                        headers: out.headers,
+                    },
                 };
                 let answer = (parts.status.as_u16(), Fields::from_map(&parts.headers));
                 self.shadow
@@ -491,6 +644,17 @@ impl Proxy {
         };
         Response::from_parts(parts, body)
     }
+}
+
+/// A stream's body rewritten by an adapter's `event` program (SPEC §10). Placeholder until the
+/// event transformer lands: the body passes unchanged.
+fn events_body(
+    body: Body,
+    _metrics: &Arc<crate::metrics::Metrics>,
+    _adapter: Arc<Adapter>,
+    _vars: Vars,
+) -> Body {
+    body
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upstream.

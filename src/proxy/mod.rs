@@ -8,6 +8,7 @@
 //! become 502/503/504 with a JSON body naming the backend; nothing on this path panics or waits
 //! without a deadline. No config parsing, no writes to routing state.
 
+pub(crate) mod adapted;
 pub(crate) mod answer;
 pub mod client_body;
 pub mod full;

@@ -16,8 +16,10 @@ use super::capture::{capture, Captured};
 use super::compare::{Answer, Fields};
 use super::plan::{RequestCopy, Settings, ShadowTask};
 use super::Shadow;
+use crate::adapter::program::Vars;
+use crate::adapter::{Adapter, Stage};
 use crate::config::BaseUrl;
-use crate::metrics::ShadowResult;
+use crate::metrics::{Metrics, ShadowResult};
 use crate::safety::window::Windows;
 use crate::upstream::h1::encode_head;
 use crate::upstream::headers::X_VASTSHIFT_SHADOW;
@@ -40,6 +42,16 @@ pub enum Outgoing {
     },
     /// The forwarded fields, from which the request for the target is built when it is sent.
     Fields { uri: Uri, headers: HeaderMap },
+    /// The forwarded fields of a request to vastai on a route with an adapter: adapted when it
+    /// is sent, and its answer adapted before it is compared (SPEC §10).
+    Adapted {
+        adapter: Arc<Adapter>,
+        /// The route's `path_prefix`, which the adapter's `path` replaces.
+        prefix: String,
+        vars: Box<Vars>,
+        uri: Uri,
+        headers: HeaderMap,
+    },
 }
 
 /// Where a mirrored request came from, for the mismatch record.
@@ -108,15 +120,30 @@ impl Job {
             ),
             (_, outgoing) => (outgoing, None),
         };
+        let metrics = &shadow.metrics;
         let mirrored = tokio::time::timeout(
             settings.timeout,
-            send(&context, target, &origin.method, mirror, body.clone()),
+            send(
+                &context,
+                metrics,
+                target,
+                &origin.method,
+                mirror,
+                body.clone(),
+            ),
         )
         .await;
         let noise = match again {
             Some(outgoing) => {
                 shadow.noise_samples_taken.fetch_add(1, Ordering::Relaxed);
-                let sent = send(&context, origin.served_by, &origin.method, outgoing, body);
+                let sent = send(
+                    &context,
+                    metrics,
+                    origin.served_by,
+                    &origin.method,
+                    outgoing,
+                    body,
+                );
                 tokio::time::timeout(settings.timeout, sent)
                     .await
                     .ok()
@@ -153,6 +180,7 @@ impl Job {
 /// `shadow.max_body_bytes`. The caller bounds the call by `shadow.timeout_ms`.
 async fn send(
     context: &Context,
+    metrics: &Metrics,
     backend: Backend,
     method: &Method,
     outgoing: Outgoing,
@@ -160,6 +188,21 @@ async fn send(
 ) -> Result<Answer, UpstreamError> {
     let settings = &context.settings;
     let (uri, mut headers) = match outgoing {
+        Outgoing::Adapted {
+            adapter,
+            prefix,
+            vars,
+            uri,
+            headers,
+        } => {
+            let mirror = AdaptedMirror {
+                adapter: &adapter,
+                vars: &vars,
+                metrics,
+            };
+            return Box::pin(mirror.send(context, backend, method, &prefix, &uri, headers, body))
+                .await;
+        }
         Outgoing::Wire {
             target,
             base,
@@ -201,6 +244,98 @@ async fn send(
     // never sent twice, as hyper's client never sends a written body twice.
     let again = method.is_idempotent() && body.is_empty();
     exchange(up, &base, &wire, method, again, settings).await
+}
+
+/// A mirror to vastai on a route with an adapter.
+struct AdaptedMirror<'a> {
+    adapter: &'a Adapter,
+    vars: &'a Vars,
+    metrics: &'a Metrics,
+}
+
+impl AdaptedMirror<'_> {
+    /// Counts the failure and makes it the mirror's error.
+    fn failed(&self, e: &crate::adapter::AdaptError) -> UpstreamError {
+        self.metrics.adapter_error(&self.adapter.name, e.stage);
+        tracing::debug!(error = %e, "shadow request not adapted");
+        UpstreamError::new(crate::vocab::ErrorKind::Other, e.to_string())
+    }
+
+    /// Adapts the request, sends it, captures the answer and adapts it as a client would have
+    /// been given it.
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        context: &Context,
+        backend: Backend,
+        method: &Method,
+        prefix: &str,
+        uri: &Uri,
+        mut headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Answer, UpstreamError> {
+        let settings = &context.settings;
+        headers.insert(X_VASTSHIFT_SHADOW.clone(), HeaderValue::from_static("1"));
+        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let adapted = (self.adapter)
+            .request(self.vars, prefix, method, target, headers, body)
+            .await
+            .map_err(|e| self.failed(&e))?;
+        let resp = match context.upstreams.http(backend) {
+            Some(up) => {
+                up.send_whole(
+                    &adapted.method,
+                    &adapted.target,
+                    adapted.headers,
+                    &adapted.body,
+                )
+                .await?
+            }
+            None => {
+                let VastaiUpstream::Serverless(s) = &context.upstreams.vastai else {
+                    return Err(UpstreamError::new(
+                        crate::vocab::ErrorKind::Other,
+                        "no upstream for the mirror",
+                    ));
+                };
+                let uri = Uri::try_from(adapted.target.as_str()).map_err(|_| {
+                    UpstreamError::new(crate::vocab::ErrorKind::Other, "invalid adapted target")
+                })?;
+                s.call(&uri, &adapted.headers, adapted.body, None).await?
+            }
+        };
+        let (mut parts, incoming) = resp.into_parts();
+        let captured = capture(incoming, settings.max_body).await?;
+        if !self.adapter.applies_to_answer(parts.status, &parts.headers) {
+            return Ok(Answer {
+                status: parts.status.as_u16(),
+                headers: Fields::from_map(&parts.headers),
+                body: captured.bytes,
+                total_len: captured.total,
+            });
+        }
+        if captured.total != captured.bytes.len() as u64 {
+            // Only part of the answer was kept: there is no whole value to adapt.
+            return Err(self.failed(&crate::adapter::AdaptError {
+                adapter: self.adapter.name.clone(),
+                stage: Stage::Response,
+                message: format!(
+                    "the answer is larger than shadow.max_body_bytes ({})",
+                    settings.max_body
+                ),
+            }));
+        }
+        let body = (self.adapter)
+            .response(self.vars, &mut parts.headers, &captured.bytes)
+            .await
+            .map_err(|e| self.failed(&e))?;
+        Ok(Answer {
+            status: parts.status.as_u16(),
+            headers: Fields::from_map(&parts.headers),
+            total_len: body.len() as u64,
+            body,
+        })
+    }
 }
 
 /// A mirror's answer from hyper's client, its body captured up to `shadow.max_body_bytes`.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 
@@ -156,6 +156,38 @@ impl HttpUpstream {
             .exchange_head(base, head, is_head, again)
             .await
             .map_err(|e| classify(self.backend, &e))
+    }
+
+    /// A request whose body is whole at hand (`target` origin-form, `headers` as forwarded, with
+    /// the body's `Content-Length` when it has one): rewritten by [`Self::prepare`], its head and
+    /// body in one write on vastshift's own exchange, and its answer as a response, waiting at
+    /// most `settings.timeout` for the head. A request with a body is never sent twice.
+    pub async fn send_whole(
+        &self,
+        method: &http::Method,
+        target: &str,
+        headers: HeaderMap,
+        body: &[u8],
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let uri = Uri::try_from(target).map_err(|_| {
+            UpstreamError::new(ErrorKind::Other, "request target cannot be forwarded")
+        })?;
+        let mut req = Request::new(crate::upstream::empty());
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        let (base, req) = self.prepare(req)?;
+        let mut wire = crate::upstream::h1::encode_head(&req);
+        wire.extend_from_slice(body);
+        let again = body.is_empty() && method.is_idempotent();
+        let answer = self
+            .exchange(&base, &wire, *method == http::Method::HEAD, again)
+            .await?;
+        let response = answer
+            .head
+            .response()
+            .map_err(|e| exchange_error(self.backend, &e))?;
+        Ok(response.map(|()| self.body(answer)))
     }
 
     /// The body of an answer from [`Self::exchange`].

@@ -13,13 +13,17 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::head::{client_request_id, slice, Field, Head, RawFields, Role};
-use super::write::{answer_head, error, field, flush, relay};
+use super::write::{answer_head, error, field, flush, relay, response_head};
 use super::Step;
+use crate::adapter::program::Vars;
+use crate::adapter::Adapter;
 use crate::config::BaseUrl;
 use crate::control::Snapshot;
+use crate::proxy::adapted::Call;
 use crate::proxy::answer::{Kind, Observed, Observer};
 use crate::proxy::policy::{Attempt, Route};
 use crate::proxy::{Client, InFlight, Proxy};
+use crate::routing::RouteRef;
 use crate::shadow::compare::Fields;
 use crate::shadow::{Origin, Outgoing, ShadowPlan, ShadowTask};
 use crate::upstream::h1::Framing;
@@ -92,6 +96,12 @@ impl Exchange<'_> {
             at: route,
             name: route_name,
         };
+        if decision.backend == Backend::Vastai {
+            if let Some((adapter, prefix)) = table.route_adapter(route) {
+                let adapted = self.adapted(io, out, &snap, adapter, prefix, label, start);
+                return Box::pin(adapted).await;
+            }
+        }
         let backend = proxy.place(&snap, decision.backend, false, route_name, start);
         let Some(up) = snap.upstreams.http(backend) else {
             return Step::Handoff;
@@ -182,9 +192,12 @@ impl Exchange<'_> {
                 // The mirror leaves once the primary's answer has arrived, not while the
                 // primary is under way.
                 let mirrored = match mirror {
-                    Some(task) => self.mirror(&snap, task, served_by, id).map(|(task, o)| {
-                        (task, o, (status.as_u16(), Fields::of_head(&answer.head)))
-                    }),
+                    Some(task) => {
+                        self.mirror(&snap, task, route, served_by, id)
+                            .map(|(task, o)| {
+                                (task, o, (status.as_u16(), Fields::of_head(&answer.head)))
+                            })
+                    }
                     None => None,
                 };
                 // No wrapper and no shared handles for a body that is not watched.
@@ -242,6 +255,73 @@ impl Exchange<'_> {
         }
     }
 
+    /// A request the split sent to vastai on a route with an adapter, served by the shared
+    /// [`Proxy::adapted`]: the request as the client sent it (fields in their order, names
+    /// lower-case) goes in, the answer made fit for the client comes out and is written here.
+    /// A field hyper's parser would refuse hands the request over untouched.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    async fn adapted(
+        &self,
+        io: &mut TcpStream,
+        out: &mut Vec<u8>,
+        snap: &Arc<Snapshot>,
+        adapter: &Arc<Adapter>,
+        prefix: &str,
+        label: Route<'_>,
+        start: Instant,
+    ) -> Step {
+        let Some((uri, headers)) = self.client_request() else {
+            return Step::Handoff;
+        };
+        let id = match client_request_id(self.buf, self.fields) {
+            Some(v) => HeaderValue::from_bytes(v).ok(),
+            None => HeaderValue::from_bytes(&new_request_id_bytes()).ok(),
+        };
+        let Some(id) = id else {
+            return Step::Handoff;
+        };
+        let method = self.head.method.clone();
+        let call = Call {
+            method: method.clone(),
+            uri,
+            headers,
+            body: bytes::Bytes::copy_from_slice(self.body),
+            id,
+        };
+        let resp = (self.proxy)
+            .adapted(snap, self.client, adapter, prefix, call, label, start)
+            .await;
+        let closing = self.head.close || *self.drain.borrow();
+        let (parts, body) = resp.into_parts();
+        let exact = http_body::Body::size_hint(&body).exact();
+        let chunked = response_head(out, &method, &parts, exact, closing);
+        let written = if chunked || exact.is_some_and(|n| n > 0) {
+            let mut waited = None;
+            relay(io, out, body, chunked, &mut waited).await
+        } else {
+            flush(io, out).await
+        };
+        match written {
+            Ok(()) if !closing => Step::Next,
+            _ => Step::Close,
+        }
+    }
+
+    /// The request's target and fields as the client sent them, as hyper's parser would give
+    /// them (`None` for a field it would refuse).
+    fn client_request(&self) -> Option<(Uri, HeaderMap)> {
+        let uri = Uri::try_from(slice(self.buf, self.head.target)).ok()?;
+        let mut headers = HeaderMap::with_capacity(self.fields.len());
+        for f in self.fields {
+            headers.append(
+                HeaderName::from_bytes(slice(self.buf, f.name)).ok()?,
+                HeaderValue::from_bytes(slice(self.buf, f.value)).ok()?,
+            );
+        }
+        Some((uri, headers))
+    }
+
     /// How this request is mirrored: as the head the primary got, rewritten for the backend
     /// that did not serve it, when that backend is reached over HTTP and has an address; as the
     /// forwarded fields otherwise, and for a noise sample. `None`, counted as skipped, when the
@@ -250,9 +330,34 @@ impl Exchange<'_> {
         &self,
         snap: &Snapshot,
         task: ShadowTask,
+        route: RouteRef,
         served_by: Backend,
         id: &[u8],
     ) -> Option<(ShadowTask, Outgoing)> {
+        if served_by == Backend::Legacy {
+            if let Some((adapter, prefix)) = snap.table.route_adapter(route) {
+                // A mirror to vastai on a route with an adapter is adapted when it is sent.
+                let adapted = self.client_request().and_then(|(_, client)| {
+                    let (uri, headers) = self.mirror_request(id)?;
+                    let vars =
+                        Vars::from_request(&self.head.method, uri.path(), uri.query(), &client);
+                    Some(Outgoing::Adapted {
+                        adapter: Arc::clone(adapter),
+                        prefix: prefix.to_owned(),
+                        vars: Box::new(vars),
+                        uri,
+                        headers,
+                    })
+                });
+                return match adapted {
+                    Some(outgoing) => Some((task, outgoing)),
+                    None => {
+                        self.proxy.shadow.skipped();
+                        None
+                    }
+                };
+            }
+        }
         if !task.samples_noise() {
             if let Some(wire) = self.wire_mirror(snap, served_by, id) {
                 return Some((task, wire));

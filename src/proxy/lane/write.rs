@@ -214,6 +214,47 @@ pub(super) fn answer_head(
     end_head(out, closing);
 }
 
+/// The head of an answer built as a response (an adapted request's, made fit for the client by
+/// the shared path); gives whether its body goes chunked. A body of unknown length is chunked;
+/// a HEAD's, a 204's and a 304's is not sent.
+pub(super) fn response_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    parts: &http::response::Parts,
+    exact: Option<u64>,
+    closing: bool,
+) -> bool {
+    let status = parts.status;
+    status_line(out, status);
+    let bodiless = *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational();
+    let mut dated = false;
+    for (name, value) in &parts.headers {
+        if name == http::header::CONTENT_LENGTH && !bodiless {
+            continue;
+        }
+        dated = dated || name == http::header::DATE;
+        field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !dated {
+        date(out);
+    }
+    let chunked = !bodiless && exact.is_none();
+    match exact {
+        Some(n) if !bodiless => {
+            out.extend_from_slice(b"content-length: ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        _ if chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    end_head(out, closing);
+    chunked
+}
+
 /// A JSON error answer naming the backend, as the full path sends it.
 pub(super) fn error(
     out: &mut Vec<u8>,
