@@ -10,6 +10,8 @@
 //! server path or mirror it came from), and [`Adapter::response`] the answer's new body.
 //!
 //! What an adapter does beyond the programs, as a Kong or Envoy transformation would:
+//! - The fields go upstream with `host` first and the rest in name order: the same request
+//!   gives the same bytes whichever server path read it.
 //! - `Content-Length` is the new body's; `Content-Type` becomes `application/json` when the
 //!   `request` program rewrote the body.
 //! - When the adapter rewrites answers (`response` or `event`), `Accept-Encoding` is not passed
@@ -83,6 +85,27 @@ pub struct Adapted {
     pub target: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+/// The fields with `host` first and the rest by name, each name's values in their order. A
+/// map's order depends on the edits that made it (a removal moves the last field into the
+/// gap), and the same request reaches the adapter through different edits on the two server
+/// paths; in name order, its bytes upstream are the same. The order of fields of different
+/// names carries no meaning (RFC 9110 §5.3).
+fn in_name_order(headers: HeaderMap) -> HeaderMap {
+    let mut names: Vec<&HeaderName> = headers.keys().collect();
+    names.sort_by(|a, b| {
+        (*a != header::HOST)
+            .cmp(&(*b != header::HOST))
+            .then_with(|| a.as_str().cmp(b.as_str()))
+    });
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for name in names {
+        for value in headers.get_all(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 /// Whether a content type is JSON (`application/json` or `*/*+json`).
@@ -183,7 +206,7 @@ impl Adapter {
         Ok(Adapted {
             method,
             target: self.target(prefix, target),
-            headers,
+            headers: in_name_order(headers),
             body,
         })
     }
