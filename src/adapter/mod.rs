@@ -20,6 +20,7 @@
 //!   `Digest` (they described the old body).
 
 pub mod program;
+pub mod sse;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
