@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vastshift side by side with nginx and HAProxy, on this machine, in one run.
 #
-#   benches/run.sh                       # about 20 minutes
+#   benches/run.sh                       # about 25 minutes (the adapter's POST case last)
 #   ROUNDS=2 DURATION=3 benches/run.sh   # a quick look
 #
 # Two nginx `return 200` backends; vastshift, nginx and HAProxy each split 50/50 between them.
@@ -465,3 +465,10 @@ mkdir -p benches/results
   echo
   cat "$work/report.md"
 } | tee benches/results/latest.md
+
+# ---- what an adapter costs on POSTs (issue #23): its own servers, after everything above
+if [ "${ADAPTER:-1}" = 1 ]; then
+  cleanup
+  trap - EXIT INT TERM
+  ROUNDS=$ROUNDS LOAD_CPU=$LOAD_CPU SERVER_CPU=$SERVER_CPU benches/adapter.sh
+fi

@@ -735,3 +735,118 @@ fn check_config_names_the_field_and_jq_message() {
         "{stderr}"
     );
 }
+
+/// The event stream a test sends to the client through vastai, one chunk at a time.
+type Feed = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<&'static str>>>>;
+
+/// A vastai that answers the first request with an SSE stream fed by the test.
+fn streaming_vastai(feed: Feed) -> impl Serve<HandlerFuture> {
+    move |req: http::Request<hyper::body::Incoming>| {
+        let feed = Arc::clone(&feed);
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            if is_probe(&req) {
+                return respond(200, "ok");
+            }
+            let _ = req.into_body().collect().await;
+            let rx = feed.lock().unwrap().take().expect("one stream");
+            let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+                let chunk = rx.recv().await?;
+                let frame = http_body::Frame::data(bytes::Bytes::from_static(chunk.as_bytes()));
+                Some((Ok::<_, BoxError>(frame), rx))
+            });
+            let mut r =
+                http::Response::new(BodyExt::boxed(http_body_util::StreamBody::new(frames)));
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }) as HandlerFuture
+    }
+}
+
+/// Reads from `c` until `text` has arrived (the bytes read so far returned).
+async fn read_until(c: &mut Conn, text: &str) -> String {
+    loop {
+        let seen = String::from_utf8_lossy(&c.buf).to_string();
+        if seen.contains(text) {
+            return seen;
+        }
+        c.fill().await;
+    }
+}
+
+const STREAMING: &str = r#"
+[split]
+percent = 0
+[[route]]
+name = "predict"
+path_prefix = "/v1/predict"
+percent = 100
+adapter = "vllm"
+[adapter.vllm]
+path = "/v1/completions"
+request = '{prompt: .input, stream: true}'
+event = 'if (.choices | length) == 0 then empty else {token: .choices[0].text} end'
+"#;
+
+async fn events_are_rewritten_one_by_one_as_they_arrive(framing: fn(&str, &str, &str) -> Vec<u8>) {
+    let feed: Feed = Arc::new(Mutex::new(None));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    *feed.lock().unwrap() = Some(rx);
+    let vs = Kit::with(STREAMING)
+        .vastai(streaming_vastai(Arc::clone(&feed)))
+        .await;
+    let mut c = Conn::open(vs.addr).await;
+    c.io.write_all(&framing("/v1/predict", FIELDS, r#"{"input":"hi"}"#))
+        .await
+        .unwrap();
+    tx.send("data: {\"choices\":[{\"text\":\"Hel\"}]}\n\n")
+        .unwrap();
+    // The first event reaches the client, rewritten, before the backend sends the second.
+    let first = read_until(&mut c, "{\"token\":\"Hel\"}").await;
+    assert!(!first.contains("lo"), "{first}");
+    tx.send("event: more\nid: 2\ndata: {\"choices\":[{\"text\":\"lo\"}]}\n\n")
+        .unwrap();
+    read_until(&mut c, "{\"token\":\"lo\"}").await;
+    tx.send(": a comment\n\ndata: not json\n\n").unwrap();
+    // The program fails on this one (a number has no index): it passes as vastai sent it.
+    tx.send("data: {\"choices\":5}\n\n").unwrap();
+    tx.send("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n")
+        .unwrap();
+    tx.send("data: [DONE]\n\n").unwrap();
+    drop(tx);
+    let all = read_until(&mut c, "0\r\n\r\n").await;
+    assert!(
+        all.contains("event: more\nid: 2\ndata: {\"token\":\"lo\"}\n\n"),
+        "{all}"
+    );
+    assert!(all.contains(": a comment\n\n"), "comments pass: {all}");
+    assert!(
+        all.contains("data: not json\n\n"),
+        "non-JSON data passes: {all}"
+    );
+    assert!(all.contains("data: [DONE]\n\n"), "[DONE] passes: {all}");
+    assert!(
+        !all.contains("usage"),
+        "`empty` dropped the usage event: {all}"
+    );
+    // The token count read the upstream's events, usage included.
+    let counted = eventually(5.0, || async {
+        vs.metric("vastshift_tokens_total{backend=\"vastai\",kind=\"completion\"}")
+            .await
+            == 2.0
+    })
+    .await;
+    assert!(counted, "{}", vs.scrape().await);
+    assert_eq!(adapter_errors(&vs, "event").await, 1.0);
+}
+
+#[tokio::test]
+async fn events_are_rewritten_as_they_arrive_on_the_lane() {
+    events_are_rewritten_one_by_one_as_they_arrive(with_length).await;
+}
+
+#[tokio::test]
+async fn events_are_rewritten_as_they_arrive_on_hyper_s_path() {
+    events_are_rewritten_one_by_one_as_they_arrive(chunked).await;
+}

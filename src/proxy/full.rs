@@ -646,15 +646,31 @@ impl Proxy {
     }
 }
 
-/// A stream's body rewritten by an adapter's `event` program (SPEC §10). Placeholder until the
-/// event transformer lands: the body passes unchanged.
+/// A stream's body rewritten event by event by an adapter's `event` program (SPEC §10); an
+/// event the program fails on passes unchanged and is counted (stage `event`).
 fn events_body(
     body: Body,
-    _metrics: &Arc<crate::metrics::Metrics>,
-    _adapter: Arc<Adapter>,
-    _vars: Vars,
+    metrics: &Arc<crate::metrics::Metrics>,
+    adapter: Arc<Adapter>,
+    vars: Vars,
 ) -> Body {
-    body
+    let Some(program) = adapter.event.clone() else {
+        return body;
+    };
+    let metrics = Arc::clone(metrics);
+    let name = adapter.name.clone();
+    let on_error: crate::adapter::sse::OnError = Arc::new(move |message: &str| {
+        metrics.adapter_error(&name, crate::adapter::Stage::Event);
+        tracing::debug!(adapter = %name, error = message, "event passed unchanged");
+    });
+    let events = crate::adapter::sse::EventProgram {
+        program,
+        vars,
+        limits: adapter.limits,
+        max_event_bytes: adapter.max_body_bytes,
+        on_error,
+    };
+    crate::adapter::sse::Events::new(body, events).boxed_unsync()
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upstream.

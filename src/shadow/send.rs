@@ -180,7 +180,7 @@ impl Job {
 /// `shadow.max_body_bytes`. The caller bounds the call by `shadow.timeout_ms`.
 async fn send(
     context: &Context,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     backend: Backend,
     method: &Method,
     outgoing: Outgoing,
@@ -250,7 +250,7 @@ async fn send(
 struct AdaptedMirror<'a> {
     adapter: &'a Adapter,
     vars: &'a Vars,
-    metrics: &'a Metrics,
+    metrics: &'a Arc<Metrics>,
 }
 
 impl AdaptedMirror<'_> {
@@ -259,6 +259,32 @@ impl AdaptedMirror<'_> {
         self.metrics.adapter_error(&self.adapter.name, e.stage);
         tracing::debug!(error = %e, "shadow request not adapted");
         UpstreamError::new(crate::vocab::ErrorKind::Other, e.to_string())
+    }
+
+    /// A captured stream rewritten by the adapter's `event` program; a failed event is counted
+    /// and passes, as it does for a client.
+    async fn events(&self, bytes: Bytes) -> Result<Bytes, UpstreamError> {
+        use http_body_util::BodyExt;
+        let Some(program) = self.adapter.event.clone() else {
+            return Ok(bytes);
+        };
+        let metrics = Arc::clone(self.metrics);
+        let name = self.adapter.name.clone();
+        let events = crate::adapter::sse::EventProgram {
+            program,
+            vars: self.vars.clone(),
+            limits: self.adapter.limits,
+            max_event_bytes: self.adapter.max_body_bytes,
+            on_error: Arc::new(move |_: &str| metrics.adapter_error(&name, Stage::Event)),
+        };
+        let body = http_body_util::Full::new(bytes);
+        match crate::adapter::sse::Events::new(body, events)
+            .collect()
+            .await
+        {
+            Ok(c) => Ok(c.to_bytes()),
+            Err(never) => match never {},
+        }
     }
 
     /// Adapts the request, sends it, captures the answer and adapts it as a client would have
@@ -306,6 +332,17 @@ impl AdaptedMirror<'_> {
         };
         let (mut parts, incoming) = resp.into_parts();
         let captured = capture(incoming, settings.max_body).await?;
+        if self.adapter.applies_to_stream(parts.status, &parts.headers) {
+            // The stream as the client would have read it, event by event.
+            let body = self.events(captured.bytes).await?;
+            self.adapter.fit_answer(&mut parts.headers);
+            return Ok(Answer {
+                status: parts.status.as_u16(),
+                headers: Fields::from_map(&parts.headers),
+                total_len: body.len() as u64,
+                body,
+            });
+        }
         if !self.adapter.applies_to_answer(parts.status, &parts.headers) {
             return Ok(Answer {
                 status: parts.status.as_u16(),
