@@ -783,3 +783,39 @@ async fn the_openai_compatible_endpoint_gets_the_path_without_v1() {
     );
     vs.stop().await;
 }
+
+#[tokio::test]
+async fn an_adapted_route_sends_the_adapted_payload_and_path_to_the_worker() {
+    let fake = Fake::start(1, Work::Echo).await;
+    let adapter = r#"
+[[route]]
+name = "predict"
+path_prefix = "/v1/predict"
+percent = 100
+adapter = "tgi"
+[adapter.tgi]
+path = "/generate"
+request = '{inputs: .input, parameters: {max_new_tokens: (.max_length // 16)}}'
+response = '{output: .echo.inputs, worker_path: .path}'
+"#;
+    let vs = fake.kit(5, "", adapter).await;
+    let r = vs
+        .client
+        .post(vs.url("/v1/predict"))
+        .json(&json!({"input": "hello", "max_length": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered(&r), (200, "vastai".to_string()));
+    let got: Value = r.json().await.unwrap();
+    assert_eq!(got, json!({"output": "hello", "worker_path": "/generate"}));
+    let calls = fake.work_calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].path, "/generate");
+    assert_eq!(
+        calls[0].body["payload"],
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 4}}),
+        "the worker's envelope carries the adapted body as its payload"
+    );
+    vs.stop().await;
+}

@@ -3,6 +3,8 @@
 //! Every client connection starts on the [`lane`], vastshift's own HTTP/1.1 loop for plain
 //! requests, which hands anything else to hyper's server and [`full`]. Both apply the one
 //! [`policy`]: placement, the fallback rule, the mirror decision, error answers and recording.
+//! A request the split sends to vastai on a route with an adapter goes from either path to
+//! [`adapted`], which builds what vastai gets once (SPEC §10).
 //! Bodies stream both ways; the only copies kept are the bounded replay copy a small request
 //! gets when it goes to vastai with fallback on, and the bounded shadow tee. Upstream failures
 //! become 502/503/504 with a JSON body naming the backend; nothing on this path panics or waits

@@ -14,6 +14,10 @@
 //! its length is unknown). There is no `HeaderMap`, no dispatcher task and, for a small answer,
 //! one write.
 //!
+//! A request the split sends to vastai on a route with an adapter is read the same way and
+//! served by [`crate::proxy::adapted`], the one implementation both paths call; the lane only
+//! writes the answer it gives.
+//!
 //! Anything else — a chunked or larger body, a body for Serverless (whose payload hyper's path
 //! wraps), an upgrade, HTTP/1.0, a head that does not parse or is too large —
 //! hands the connection, with the bytes already read, to hyper's server for the
