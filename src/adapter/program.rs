@@ -13,17 +13,34 @@
 //! fuel, no interruption, no recursion limit; `def f: 1 + f; f` overflows the stack). So a run
 //! is bounded from outside the interpreter:
 //!
-//! - **Its own thread.** Every run evaluates on a fresh thread with a [`STACK_SIZE`] stack
-//!   (address space; only the pages a run touches are used, and freed when it ends); the caller
-//!   blocks until the result arrives or until the deadline plus [`GRACE`] has passed. Starting
-//!   and ending the thread costs about 50 µs a run.
+//! - **A pool of run threads.** Runs evaluate on worker threads, each with a [`STACK_SIZE`]
+//!   stack (address space; only the pages a run touches are used): one worker per core the
+//!   process may use and at least two, started by the first run and fed by one queue. A caller
+//!   waits for its answer without a timer of its own (the watchdog answers for the deadline).
+//!   The deadline counts from the call, so time spent queued behind other runs is part of it; a
+//!   run whose deadline passes while it is queued is answered with [`RunError::Timeout`] and not
+//!   started. Handing a run to a worker and its answer back costs a few microseconds while the
+//!   workers are busy, and some tens of microseconds of waiting when an idle worker and then
+//!   the caller have to be woken; a thread of its own per run cost 50 µs and more. A worker keeps the stack pages its runs touched, except that a worker
+//!   whose run went deeper than [`RETIRE_DEPTH`] (as seen at the run's ticks) hands over to a
+//!   fresh thread after that run, which gives them back.
+//! - **A watchdog.** One more thread, started with the pool, looks every [`WATCH_EVERY`] (on
+//!   std's clock) for runs queued or running past their deadline plus [`GRACE`] and answers each
+//!   with [`RunError::Timeout`]. A run has one answer: whoever takes its reply first, its worker
+//!   or the watchdog, gives it, and the other's is dropped. When the watchdog answers a run that
+//!   had started, it starts a fresh worker in its place, so the pool keeps its size, and the
+//!   old worker ends when its run does. So a caller has its answer at most the deadline plus
+//!   [`GRACE`] plus [`WATCH_EVERY`] after the call (and whatever the scheduler adds), whatever
+//!   the run does.
 //! - **A tick inside the interpreter.** jaq clones its evaluation context (which holds our
 //!   per-run data) at every filter call, pipe, comma, binding and loop step, so that clone is
-//!   where we check: each tick compares the stack pointer with the thread's start (more than
+//!   where we check: each tick compares the stack pointer with where the run started (taken
+//!   afresh at the start of every run, since a worker runs one after another; more than
 //!   [`STACK_LIMIT`] used: [`RunError::TooDeep`]) and every [`TIME_CHECK_EVERY`] ticks reads the
 //!   clock ([`Limits::time`], default [`DEFAULT_TIME`], passed: [`RunError::Timeout`]). A check
 //!   that fails unwinds out of the interpreter with [`std::panic::resume_unwind`] (no panic
-//!   message is printed) and the run's thread catches it, so nothing is left behind; this needs
+//!   message is printed) and the worker catches it, as it catches a panic, around every run, so
+//!   nothing is left behind and the worker goes on to its next run; this needs
 //!   `panic = "unwind"`, which is why Cargo.toml must not set `panic = "abort"`. `range/3` (and
 //!   with it `range/1`, `range/2`) is replaced by a copy that ticks at every number, because jaq's
 //!   own yields numbers without cloning a context, and `[range(1e9)]` would otherwise fill memory
@@ -42,9 +59,12 @@
 //!   inside them. An operation that walks a value that shares structure (`tojson`, `tostring`,
 //!   string interpolation, `[..]`, `contains`, `sort`) can take time and memory exponential in
 //!   the steps that built the value. When such a run misses its deadline by more than [`GRACE`],
-//!   the caller gets [`RunError::Timeout`] and the thread is left to finish on its own (it stops
-//!   at its next tick); while [`MAX_STRAYS`] such threads are still running, further runs are
-//!   refused with [`RunError::Busy`] instead of piling up.
+//!   the watchdog answers it with [`RunError::Timeout`] and a fresh worker takes its place; the
+//!   old one is left to finish on its own (it stops at its next tick) and then ends, using a
+//!   core meanwhile. While [`MAX_STRAYS`] such runs are still running, further runs are refused
+//!   with [`RunError::Busy`], both when called and when a worker takes them from the queue,
+//!   instead of piling up; so at most [`MAX_STRAYS`] - 1 plus the pool's size of them run at
+//!   once.
 //! - **Memory is bounded only through time.** There is no allocation limit: within the deadline
 //!   jaq can build values of hundreds of MB (a string doubled at every step grows at memcpy
 //!   speed), and the check after the deadline may come one doubling late. A string repeated
@@ -53,21 +73,30 @@
 //!   panic, caught as [`RunError::Panic`]), and a smaller one is granted in full. Programs that
 //!   repeat a string by a number from the input should clamp the number first.
 //! - **Deep values are dropped recursively.** A value nested a million levels deep, built by a
-//!   loop within the deadline, is dropped (and printed by `tojson`) by recursion on the run's
+//!   loop within the deadline, is dropped (and printed by `tojson`) by recursion on the worker's
 //!   thread; [`STACK_SIZE`] leaves room above [`STACK_LIMIT`] for that (a debug build drops a
 //!   value a million levels deep in it), sized for the default deadline, not for one of many
-//!   seconds.
-//! - **The deadline is wall-clock time**, so a run starved of CPU can time out with little work.
+//!   seconds. No tick sees that recursion, so [`RETIRE_DEPTH`] does not apply to it: the worker
+//!   keeps the stack pages it touched, up to [`STACK_SIZE`], for as long as it lives.
+//! - **The deadline is wall-clock time**, so a run starved of CPU can time out with little work,
+//!   and so can a run queued while every worker is busy with slow runs: the pool runs as many
+//!   runs at once as it has workers, and its queue has no bound of its own (a queued run holds
+//!   its input until a worker takes it, and one past its deadline is dropped at once then).
+//! - **Dropping a caller's future does not stop its run**: the run goes on within its bounds and
+//!   its answer is dropped.
 //!
-//! A run blocks the calling thread for up to the deadline plus [`GRACE`] (200 ms by default);
-//! the proxy's async code should call it from `tokio::task::spawn_blocking`.
+//! [`Program::run`] and [`Program::run_with`] block the calling thread until the answer, at most
+//! the deadline plus [`GRACE`] plus [`WATCH_EVERY`] (210 ms by default). The proxy's async code
+//! awaits [`Program::run_async`] instead, which blocks no thread and uses no tokio timer, so a
+//! paused tokio clock does not make it time out.
 
 use std::cell::Cell;
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use jaq_core::data::HasLut;
@@ -83,16 +112,23 @@ pub const DEFAULT_MAX_BYTES: usize = 8 << 20;
 /// How deeply an output may nest: serde_json's own parse limit, so whatever a program outputs
 /// can be read back by a serde_json consumer with default settings.
 pub const MAX_OUTPUT_DEPTH: usize = 128;
-/// The stack of a run's thread: mostly address space, touched only as deep as the run goes.
+/// The stack of each worker thread: mostly address space, touched only as deep as its runs go.
 pub const STACK_SIZE: usize = 256 << 20;
 /// The stack a run's evaluation may use before it is stopped with [`RunError::TooDeep`]; the rest
 /// of [`STACK_SIZE`] is headroom for recursion that has no tick (dropping or printing a deep
 /// value).
 pub const STACK_LIMIT: usize = 32 << 20;
-/// How long past its deadline the caller waits for a run before it gives up on it.
+/// How long past its deadline a run may go before the watchdog answers it with
+/// [`RunError::Timeout`] and gives up on it.
 pub const GRACE: Duration = Duration::from_millis(100);
-/// How many given-up runs may still be running before [`Program::run`] refuses new ones.
+/// How often the watchdog looks for runs past their deadline plus [`GRACE`].
+pub const WATCH_EVERY: Duration = Duration::from_millis(10);
+/// How many given-up runs may still be running before new runs are refused with
+/// [`RunError::Busy`].
 pub const MAX_STRAYS: usize = 4;
+/// A worker whose run went deeper than this into its stack (as seen at the run's ticks) hands
+/// over to a fresh thread after the run, so the stack pages it touched are given back.
+pub const RETIRE_DEPTH: usize = 4 << 20;
 /// Ticks between two reads of the clock.
 pub const TIME_CHECK_EVERY: u32 = 16;
 /// Outputs pulled at most, to say how many a program produced beyond one.
@@ -104,7 +140,8 @@ const LEFT_OUT: [&str; 1] = ["env"];
 /// How much of a jq error message is kept (values in messages can be huge).
 const MAX_MESSAGE: usize = 1024;
 
-/// Runs given up on (caller timed out) that are still running.
+/// Runs the watchdog gave up on (answered with a timeout) that are still running, each on a
+/// worker that ends with it.
 static STRAYS: AtomicUsize = AtomicUsize::new(0);
 
 /// Variables bound for every program: `$method`, `$path` (without the query), `$query` (object of
@@ -237,7 +274,7 @@ pub enum RunError {
     /// The interpreter panicked (a jaq bug); the message is the panic's.
     #[error("the jq interpreter panicked: {0}")]
     Panic(String),
-    /// The run's thread could not be started.
+    /// The pool's threads could not be started.
     #[error("cannot start a thread for the run: {0}")]
     Spawn(String),
 }
@@ -327,31 +364,138 @@ impl Program {
         self.run_with(input, vars, Limits::default())
     }
 
-    /// [`Program::run_with`] for async callers: the run is handed off at once (the variables
-    /// converted before this returns), and the future, `'static`, resolves to its result without
-    /// blocking an async worker thread.
+    /// [`Program::run_with`] for async callers: the run is queued before this returns (the
+    /// variables converted first), and the future, `'static`, waits for its answer without
+    /// blocking a thread and without a tokio timer: the deadline is kept by the run and the
+    /// watchdog on std's clock, so a paused tokio clock changes nothing. Dropping the future does
+    /// not stop the run; it goes on within its bounds and its result is dropped.
     pub fn run_async(
         &self,
         input: Value,
         vars: &Vars,
         limits: Limits,
     ) -> impl std::future::Future<Output = Result<Option<Value>, RunError>> + Send + 'static {
-        let program = self.clone();
-        let vars = vars.clone();
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let reply: Reply = Box::new(move |result| {
+            // The caller may have dropped the future; the result goes nowhere then.
+            let _ = sender.send(result);
+        });
+        let queued = pool().and_then(|pool| pool.submit(self, input, vars, limits, reply));
         async move {
-            tokio::task::spawn_blocking(move || program.run_with(input, &vars, limits))
-                .await
-                .unwrap_or_else(|e| Err(RunError::Panic(e.to_string())))
+            queued?;
+            receiver.await.unwrap_or_else(|_| Err(unanswered()))
         }
     }
 
-    /// [`Program::run`] within the given bounds.
+    /// [`Program::run`] within the given bounds. Blocks the calling thread until the answer: at
+    /// most about the deadline plus [`GRACE`] plus [`WATCH_EVERY`].
     pub fn run_with(
         &self,
         input: Value,
         vars: &Vars,
         limits: Limits,
     ) -> Result<Option<Value>, RunError> {
+        self.run_on(pool()?, input, vars, limits)
+    }
+
+    /// [`Program::run_with`] on the given pool.
+    fn run_on(
+        &self,
+        pool: &Pool,
+        input: Value,
+        vars: &Vars,
+        limits: Limits,
+    ) -> Result<Option<Value>, RunError> {
+        let (sender, receiver) = mpsc::sync_channel(1);
+        let reply: Reply = Box::new(move |result| {
+            let _ = sender.send(result);
+        });
+        pool.submit(self, input, vars, limits, reply)?;
+        receiver.recv().unwrap_or_else(|_| Err(unanswered()))
+    }
+}
+
+/// The error for a run whose reply was dropped unanswered, which the pool never does.
+fn unanswered() -> RunError {
+    RunError::Panic("the run ended without an answer".to_owned())
+}
+
+/// A run's answer, called once, by whoever answers first: its worker or the watchdog.
+type Reply = Box<dyn FnOnce(Result<Option<Value>, RunError>) + Send>;
+
+/// The run threads: [`workers`] workers taking jobs from one queue, and the watchdog.
+struct Pool {
+    queue: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+}
+
+/// What the pool's threads share.
+struct Shared {
+    /// The queue's receiving end: the worker holding the lock waits here for the next job, the
+    /// other idle workers wait for the lock.
+    jobs: Mutex<mpsc::Receiver<Job>>,
+    /// Every queued or running run, by when the watchdog gives up on it (deadline plus
+    /// [`GRACE`]) and a unique number; its worker or the watchdog, whichever is first, removes it.
+    runs: Mutex<BTreeMap<(Instant, u64), Arc<Ticket>>>,
+    next_id: AtomicU64,
+}
+
+/// The number of workers: one per core the process may use, at least two.
+fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, std::num::NonZeroUsize::get)
+        .max(2)
+}
+
+/// The pool every run goes to, started by the first run. A start that fails (a thread that
+/// cannot be spawned) is the error of that run, and the next run tries again.
+fn pool() -> Result<&'static Pool, RunError> {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    static STARTING: Mutex<()> = Mutex::new(());
+    if let Some(pool) = POOL.get() {
+        return Ok(pool);
+    }
+    let _starting = STARTING.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(pool) = POOL.get() {
+        return Ok(pool);
+    }
+    let pool = Pool::start(workers())?;
+    Ok(POOL.get_or_init(|| pool))
+}
+
+impl Pool {
+    /// Starts `workers` workers and the watchdog. If one cannot be started, those already
+    /// started end when the queue's sending end, dropped with the error, disconnects.
+    fn start(workers: usize) -> Result<Pool, RunError> {
+        let (queue, jobs) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            jobs: Mutex::new(jobs),
+            runs: Mutex::default(),
+            next_id: AtomicU64::new(0),
+        });
+        let spawn_error = |e: std::io::Error| RunError::Spawn(e.to_string());
+        for _ in 0..workers {
+            spawn_worker(&shared).map_err(spawn_error)?;
+        }
+        // The watchdog holds the shared part weakly: a pool that is dropped (only a test's is)
+        // ends its workers at once and its watchdog at its next look.
+        let watched = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("jq-watchdog".to_owned())
+            .spawn(move || watch(&watched))
+            .map_err(spawn_error)?;
+        Ok(Pool { queue, shared })
+    }
+
+    /// Queues a run; `reply` gets its answer. The deadline counts from here.
+    fn submit(
+        &self,
+        program: &Program,
+        input: Value,
+        vars: &Vars,
+        limits: Limits,
+        reply: Reply,
+    ) -> Result<(), RunError> {
         let strays = STRAYS.load(AtomicOrdering::Relaxed);
         if strays >= MAX_STRAYS {
             return Err(RunError::Busy(strays));
@@ -361,46 +505,154 @@ impl Program {
         let deadline = (now.checked_add(limits.time))
             .filter(|deadline| deadline.checked_add(GRACE).is_some())
             .unwrap_or(now + Duration::from_secs(3600));
-        let slot = Arc::new(Slot::default());
+        let ticket = Arc::new(Ticket {
+            id: self.shared.next_id.fetch_add(1, AtomicOrdering::Relaxed),
+            deadline,
+            time: limits.time,
+            state: Mutex::new(TicketState {
+                reply: Some(reply),
+                running: false,
+            }),
+        });
+        self.shared
+            .lock_runs()
+            .insert(ticket.key(), Arc::clone(&ticket));
         let job = Job {
-            program: Arc::clone(&self.inner),
+            program: Arc::clone(&program.inner),
             input,
             vars: vars.to_vals(),
             limits,
-            deadline,
-            slot: Arc::clone(&slot),
+            ticket,
         };
-        std::thread::Builder::new()
-            .name("jq-run".to_owned())
-            .stack_size(STACK_SIZE)
-            .spawn(move || job.run())
-            .map_err(|e| RunError::Spawn(e.to_string()))?;
-        slot.wait(deadline + GRACE, limits.time)
+        // The receiving end lives in `shared`, which the pool holds, so this does not fail.
+        self.queue.send(job).map_err(|mpsc::SendError(job)| {
+            self.shared.forget(&job.ticket);
+            RunError::Spawn("the run threads are gone".to_owned())
+        })
     }
 }
 
-/// Everything a run's thread needs, owned.
+impl Shared {
+    fn lock_runs(&self) -> MutexGuard<'_, BTreeMap<(Instant, u64), Arc<Ticket>>> {
+        self.runs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a run off the watchdog's list.
+    fn forget(&self, ticket: &Ticket) {
+        self.lock_runs().remove(&ticket.key());
+    }
+}
+
+/// Starts one worker.
+fn spawn_worker(shared: &Arc<Shared>) -> std::io::Result<()> {
+    let shared = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name("jq-run".to_owned())
+        .stack_size(STACK_SIZE)
+        .spawn(move || work(&shared))
+        .map(drop)
+}
+
+/// A worker: runs jobs one after another until the queue disconnects, the watchdog gives up on
+/// its run, or it hands over to a fresh thread after a deep run.
+fn work(shared: &Arc<Shared>) {
+    loop {
+        // The guard is a temporary: the lock is held while waiting, released once a job is taken.
+        let next = shared
+            .jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .recv();
+        let Ok(job) = next else {
+            return;
+        };
+        let ticket = Arc::clone(&job.ticket);
+        if let Start::Skip(answer) = ticket.start() {
+            shared.forget(&ticket);
+            drop(job);
+            if let Some((reply, error)) = answer {
+                reply(Err(error));
+            }
+            continue;
+        }
+        let (result, deepest) = job.run();
+        shared.forget(&ticket);
+        let Some(reply) = ticket.finish() else {
+            // The watchdog answered, counted this run in STRAYS and started a worker in this
+            // one's place.
+            STRAYS.fetch_sub(1, AtomicOrdering::Relaxed);
+            return;
+        };
+        reply(result);
+        // A fresh thread in this one's place: this one's stack pages go back when it ends. If it
+        // cannot be started, this one goes on.
+        if deepest > RETIRE_DEPTH && spawn_worker(shared).is_ok() {
+            return;
+        }
+    }
+}
+
+/// The watchdog: every [`WATCH_EVERY`], answers the runs past their deadline plus [`GRACE`]
+/// with [`RunError::Timeout`] and starts a worker in place of each one that was running.
+fn watch(shared: &Weak<Shared>) {
+    // Workers that could not be started yet, tried again at every look.
+    let mut missing = 0usize;
+    loop {
+        std::thread::sleep(WATCH_EVERY);
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        while missing > 0 && spawn_worker(&shared).is_ok() {
+            missing -= 1;
+        }
+        let now = Instant::now();
+        let mut overdue = Vec::new();
+        {
+            let mut runs = shared.lock_runs();
+            while let Some(entry) = runs.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                overdue.push(entry.remove());
+            }
+        }
+        for ticket in overdue {
+            // Its worker may have answered since.
+            let Some((reply, started)) = ticket.give_up() else {
+                continue;
+            };
+            if started && spawn_worker(&shared).is_err() {
+                missing += 1;
+            }
+            reply(Err(RunError::Timeout(ticket.time)));
+        }
+    }
+}
+
+/// Everything a worker needs for one run, owned.
 struct Job {
     program: Arc<Compiled>,
     input: Value,
     vars: [Val; 4],
     limits: Limits,
-    deadline: Instant,
-    slot: Arc<Slot>,
+    ticket: Arc<Ticket>,
 }
 
 impl Job {
-    fn run(self) {
+    /// Runs on this thread: the result, and how far from where it started its ticks saw the
+    /// stack go. A [`Stop`] or a panic is caught here, so the worker goes on.
+    fn run(self) -> (Result<Option<Value>, RunError>, usize) {
         let Job {
             program,
             input,
             vars,
             limits,
-            deadline,
-            slot,
+            ticket,
         } = self;
+        // Measured here, at the start of every run: a worker runs one job after another.
+        let guard = Guard::new(ticket.deadline);
         let result = panic::catch_unwind(AssertUnwindSafe(|| {
-            evaluate(&program.filter, input, vars, limits, deadline)
+            evaluate(&program.filter, input, vars, limits, &guard)
         }));
         let result = result.unwrap_or_else(|payload| match payload.downcast::<Stop>() {
             Ok(stop) => Err(match *stop {
@@ -416,71 +668,92 @@ impl Job {
                 Err(RunError::Panic(message))
             }
         });
-        slot.put(result);
+        (result, guard.deepest.get())
     }
 }
 
-/// Where a run's thread leaves its result for the caller.
-#[derive(Default)]
-struct Slot {
-    state: Mutex<SlotState>,
-    ready: Condvar,
+/// One run's reply and where the run stands, shared by its job, the watchdog's list and the
+/// watchdog.
+struct Ticket {
+    id: u64,
+    deadline: Instant,
+    /// The run's [`Limits::time`], for its [`RunError::Timeout`].
+    time: Duration,
+    state: Mutex<TicketState>,
 }
 
-#[derive(Default)]
-struct SlotState {
-    result: Option<Result<Option<Value>, RunError>>,
-    /// The caller gave up waiting (and counted this run in [`STRAYS`]).
-    abandoned: bool,
+struct TicketState {
+    /// Taken by whoever answers first.
+    reply: Option<Reply>,
+    /// A worker has started the run.
+    running: bool,
 }
 
-impl Slot {
-    fn lock(&self) -> MutexGuard<'_, SlotState> {
+/// What a worker does with a job it took from the queue.
+enum Start {
+    Run,
+    /// Not to be run: the answer to give, or none when the watchdog gave it while it was queued.
+    Skip(Option<(Reply, RunError)>),
+}
+
+impl Ticket {
+    /// Where it is on the watchdog's list.
+    fn key(&self) -> (Instant, u64) {
+        (self.deadline + GRACE, self.id)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TicketState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn put(&self, result: Result<Option<Value>, RunError>) {
+    /// A worker took the job: it runs unless it was answered already, its deadline has passed
+    /// in the queue, or [`MAX_STRAYS`] given-up runs are still running.
+    fn start(&self) -> Start {
         let mut state = self.lock();
-        if state.abandoned {
-            STRAYS.fetch_sub(1, AtomicOrdering::Relaxed);
-        } else {
-            state.result = Some(result);
-            self.ready.notify_one();
+        if state.reply.is_none() {
+            return Start::Skip(None);
         }
+        let strays = STRAYS.load(AtomicOrdering::Relaxed);
+        let refusal = if Instant::now() >= self.deadline {
+            RunError::Timeout(self.time)
+        } else if strays >= MAX_STRAYS {
+            RunError::Busy(strays)
+        } else {
+            state.running = true;
+            return Start::Run;
+        };
+        Start::Skip(state.reply.take().map(|reply| (reply, refusal)))
     }
 
-    fn wait(&self, until: Instant, time: Duration) -> Result<Option<Value>, RunError> {
+    /// The worker is done: the reply, or `None` if the watchdog gave up on the run.
+    fn finish(&self) -> Option<Reply> {
+        self.lock().reply.take()
+    }
+
+    /// The watchdog gives up: the reply if nobody answered yet, and whether the run had started.
+    /// A started run is counted in [`STRAYS`] here, under the lock, so that its worker (which
+    /// takes the lock to find the reply gone) cannot uncount it first.
+    fn give_up(&self) -> Option<(Reply, bool)> {
         let mut state = self.lock();
-        loop {
-            if let Some(result) = state.result.take() {
-                return result;
-            }
-            let now = Instant::now();
-            if now >= until {
-                state.abandoned = true;
-                STRAYS.fetch_add(1, AtomicOrdering::Relaxed);
-                return Err(RunError::Timeout(time));
-            }
-            state = match self.ready.wait_timeout(state, until - now) {
-                Ok((state, _)) => state,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
+        let reply = state.reply.take()?;
+        if state.running {
+            STRAYS.fetch_add(1, AtomicOrdering::Relaxed);
         }
+        Some((reply, state.running))
     }
 }
 
-/// Runs the filter on the current thread (the run's own); a failed check unwinds with [`Stop`].
+/// Runs the filter on the current thread (a worker); a failed check unwinds with [`Stop`].
 fn evaluate(
     filter: &jaq_core::Filter<Kind>,
     input: Value,
     vars: [Val; 4],
     limits: Limits,
-    deadline: Instant,
+    guard: &Guard,
 ) -> Result<Option<Value>, RunError> {
-    let guard = Guard::new(deadline);
     let data = Data {
         lut: &filter.lut,
-        guard: &guard,
+        guard,
     };
     let ctx = jaq_core::Ctx::<Kind>::new(data, jaq_core::Vars::new(vars));
     let mut outputs = filter.id.run((ctx, json_to_val(&input)));
@@ -506,7 +779,7 @@ fn evaluate(
     let mut budget = Budget {
         left: limits.max_bytes,
         max_bytes: limits.max_bytes,
-        guard: &guard,
+        guard,
     };
     budget.convert(&first, 0).map(Some)
 }
@@ -521,8 +794,10 @@ enum Stop {
 /// The per-run checks, called from inside the interpreter.
 struct Guard {
     deadline: Instant,
-    /// The stack address where the run started.
+    /// The stack address where the run started, taken afresh for every run.
     base: usize,
+    /// The most stack, from `base`, seen at a tick so far.
+    deepest: Cell<usize>,
     ticks: Cell<u32>,
 }
 
@@ -531,14 +806,20 @@ impl Guard {
         Guard {
             deadline,
             base: stack_address(),
+            deepest: Cell::new(0),
             ticks: Cell::new(0),
         }
     }
 
     /// One step of evaluation: checks the stack, and the clock every [`TIME_CHECK_EVERY`] ticks.
     fn tick(&self) {
-        if stack_address().abs_diff(self.base) > STACK_LIMIT {
+        let used = stack_address().abs_diff(self.base);
+        if used > STACK_LIMIT {
+            self.deepest.set(used);
             panic::resume_unwind(Box::new(Stop::Stack));
+        }
+        if used > self.deepest.get() {
+            self.deepest.set(used);
         }
         let ticks = self.ticks.get().wrapping_add(1);
         self.ticks.set(ticks);
@@ -1198,5 +1479,114 @@ mod tests {
             }
         });
         assert!(format!("{program:?}").contains("adapter.test.request"));
+    }
+
+    /// Bounds generous enough that a run waiting behind other tests' slow runs still answers.
+    fn roomy() -> Limits {
+        Limits {
+            time: Duration::from_secs(20),
+            ..Limits::default()
+        }
+    }
+
+    fn expected(t: usize, i: usize) -> Option<Value> {
+        Some(json!({"t": t, "i": i, "sum": t * 1000 + i}))
+    }
+
+    const SUM: &str = "{t: .t, i: .i, sum: (.t * 1000 + .i)}";
+
+    #[test]
+    fn many_runs_from_many_threads_get_their_own_answers() {
+        let program = program(SUM);
+        std::thread::scope(|scope| {
+            for t in 0..8 {
+                let program = program.clone();
+                scope.spawn(move || {
+                    for i in 0..100 {
+                        let out = program
+                            .run_with(json!({"t": t, "i": i}), &Vars::default(), roomy())
+                            .unwrap();
+                        assert_eq!(out, expected(t, i));
+                    }
+                });
+            }
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn many_runs_from_async_tasks_get_their_own_answers() {
+        let program = program(SUM);
+        // 8 tasks with two runs each in flight: queued before either is awaited. Not more, so
+        // that the shared queue does not hold other tests' runs past their deadlines.
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let program = program.clone();
+                tokio::spawn(async move {
+                    for i in (0..100).step_by(2) {
+                        let first =
+                            program.run_async(json!({"t": t, "i": i}), &Vars::default(), roomy());
+                        let second = program.run_async(
+                            json!({"t": t, "i": i + 1}),
+                            &Vars::default(),
+                            roomy(),
+                        );
+                        assert_eq!(second.await.unwrap(), expected(t, i + 1));
+                        assert_eq!(first.await.unwrap(), expected(t, i));
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_async_is_not_timed_by_a_paused_tokio_clock() {
+        let out = program(".a")
+            .run_async(json!({"a": 1}), &Vars::default(), Limits::default())
+            .await
+            .unwrap();
+        assert_eq!(out, Some(json!(1)));
+        // The deadline is std's clock: the run ends at its own tick, after its full time.
+        let started = Instant::now();
+        let error = program("def f: f; f")
+            .run_async(json!(null), &Vars::default(), Limits::default())
+            .await
+            .unwrap_err();
+        assert_eq!(error, RunError::Timeout(DEFAULT_TIME));
+        assert!(started.elapsed() >= DEFAULT_TIME);
+    }
+
+    #[test]
+    fn the_watchdog_answers_a_stuck_run_and_replaces_its_worker() {
+        // A pool of its own, of one worker, so that the runs after the stuck one can only be
+        // answered by the replacement.
+        let pool = Pool::start(1).unwrap();
+        // Sorting a value with 2^n shared leaves: one native call, no tick, several times longer
+        // than 10 ms plus GRACE (about 1 s in a debug build, 0.7 s in a release one).
+        let leaves = if cfg!(debug_assertions) { 24 } else { 26 };
+        let stuck = program(&format!(
+            "reduce range({leaves}) as $i (0; [., .]) | [., .] | sort | 0"
+        ));
+        let limits = Limits {
+            time: Duration::from_millis(10),
+            ..Limits::default()
+        };
+        let started = Instant::now();
+        let error = stuck
+            .run_on(&pool, json!(null), &Vars::default(), limits)
+            .unwrap_err();
+        assert_eq!(error, RunError::Timeout(limits.time));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Counted before it was answered, and still sorting.
+        assert!(STRAYS.load(AtomicOrdering::Relaxed) >= 1);
+        let quick = program(".a");
+        for i in 0..20 {
+            let out = quick
+                .run_on(&pool, json!({"a": i}), &Vars::default(), Limits::default())
+                .unwrap();
+            assert_eq!(out, Some(json!(i)));
+        }
     }
 }
