@@ -1,12 +1,17 @@
-//! The admin client commands: `vastshift status`, `cluster`, `set`, `rollback` and `healthcheck`.
+//! The client commands: `vastshift status`, `cluster`, `set`, `rollback` and `healthcheck`, and
+//! `adapt`.
 //!
-//! They talk to a running vastshift's ops listener over HTTP and exit 0 (ok), 1 (a check
-//! failed) or 2 (usage, connection or authorisation error), per SPEC §1. The token is sent as a
-//! bearer token and never printed.
+//! The admin client commands talk to a running vastshift's ops listener over HTTP and exit 0
+//! (ok), 1 (a check failed) or 2 (usage, connection or authorisation error), per SPEC §1. The
+//! token is sent as a bearer token and never printed. `adapt` runs an adapter on sample files
+//! ([`crate::adapter::offline`]) and talks to nothing.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+
+use crate::adapter::offline;
 
 /// Exit codes of SPEC §1.
 pub const EXIT_OK: i32 = 0;
@@ -405,6 +410,165 @@ pub async fn healthcheck(url: &str) -> i32 {
             eprintln!("unhealthy: {url}: {}", short(&e));
             EXIT_CHECK_FAILED
         }
+    }
+}
+
+/// `vastshift adapt NAME --request FILE [--response FILE]`: runs adapter `name` of the config at
+/// `config` on the samples and prints what vastai would get and what the client would get back
+/// (`as_json`: one JSON document). Exit 0, or 2 with the reason on stderr: the config, an
+/// unknown adapter, a sample that cannot be read or parsed, a failing program.
+pub async fn adapt(
+    config: &Path,
+    name: &str,
+    request: &Path,
+    response: Option<&Path>,
+    as_json: bool,
+) -> i32 {
+    let fail = |message: String| {
+        eprintln!("vastshift adapt: {message}");
+        EXIT_ERROR
+    };
+    let cfg = match crate::config::load(config) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("{}: invalid configuration: {e}", config.display())),
+    };
+    if !cfg.adapters.contains_key(name) {
+        let e = offline::TrialError::UnknownAdapter {
+            name: name.to_owned(),
+            known: cfg.adapters.keys().cloned().collect(),
+        };
+        return fail(format!("{}: {e}", config.display()));
+    }
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let sample = read(request).and_then(|bytes| {
+        offline::parse_request(&bytes).map_err(|e| format!("{}: {e}", request.display()))
+    });
+    let sample = match sample {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let answer = match response {
+        Some(path) => match read(path).and_then(|bytes| {
+            offline::parse_answer(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+        }) {
+            Ok(a) => Some(a),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    match offline::run(&cfg, name, sample, answer).await {
+        Ok(trial) if as_json => {
+            let doc = trial.to_json();
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            EXIT_OK
+        }
+        Ok(trial) => {
+            print!("{}", render_trial(&trial));
+            EXIT_OK
+        }
+        Err(e) => {
+            let hint = e
+                .at_run_time()
+                .map(|h| format!("\n  ({h})"))
+                .unwrap_or_default();
+            fail(format!("{e}{hint}"))
+        }
+    }
+}
+
+/// The human form of an adapter trial: the request for vastai, then the client's answer.
+pub fn render_trial(t: &offline::Trial) -> String {
+    let mut out = format!(
+        "adapter {} on route {:?}, for the client's {} {}\n\nrequest to vastai:\n  {} {}\n",
+        t.adapter, t.route, t.client.method, t.client.target, t.upstream.method, t.upstream.target
+    );
+    render_fields(&mut out, &t.upstream.headers, |name| {
+        t.set.iter().find(|(n, _)| n == name).map(|(_, why)| *why)
+    });
+    for (name, why) in &t.removed {
+        out.push_str(&format!("  removed: {name} ({why})\n"));
+    }
+    let mut added = offline::run_time_fields(false).join(", ");
+    match &t.api_key_env {
+        Some(var) if t.serverless => added.push_str(&format!(
+            ", authorization (the endpoint's key, looked up with the account key in ${var})"
+        )),
+        Some(var) => added.push_str(&format!(", authorization (the key in ${var})")),
+        None => {}
+    }
+    out.push_str(&format!("  added by the proxy at run time: {added}\n"));
+    if t.serverless {
+        out.push_str("  vastai is a Serverless endpoint: this body is the worker's payload; the proxy sends {\"auth_data\", \"payload\", \"session_id\"}\n");
+    }
+    out.push('\n');
+    render_body(&mut out, &t.upstream.body);
+    let Some(a) = &t.answer else {
+        return out;
+    };
+    let title = match &a.body {
+        offline::AnswerBody::Rewritten(_) => "the response program ran".to_owned(),
+        offline::AnswerBody::Events { .. } => "the event program ran on each event".to_owned(),
+        offline::AnswerBody::Unchanged { why, .. } => format!("unchanged: {why}"),
+    };
+    out.push_str(&format!("\nanswer to the client ({title}):\n"));
+    match a.kind {
+        offline::AnswerKind::Http => {}
+        offline::AnswerKind::Json => {
+            out.push_str("  (a JSON body without a head, taken as a 200 application/json answer)\n")
+        }
+        offline::AnswerKind::Events => out.push_str(
+            "  (an SSE stream without a head, taken as a 200 text/event-stream answer)\n",
+        ),
+    }
+    out.push_str(&format!("  {}\n", a.status));
+    render_fields(&mut out, &a.headers, |_| None);
+    out.push('\n');
+    match &a.body {
+        offline::AnswerBody::Rewritten(body) | offline::AnswerBody::Unchanged { body, .. } => {
+            render_body(&mut out, body)
+        }
+        offline::AnswerBody::Events { events, .. } => {
+            for e in events {
+                let what = match e.outcome {
+                    offline::Outcome::Rewritten => "rewritten".to_owned(),
+                    offline::Outcome::Dropped => "dropped".to_owned(),
+                    offline::Outcome::Passed(why) => format!("passed unchanged ({why})"),
+                };
+                out.push_str(&format!("  event {}: {what}\n", e.index));
+                for line in e.text.lines().filter(|l| !l.is_empty()) {
+                    out.push_str(&format!("    {line}\n"));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn render_fields(
+    out: &mut String,
+    headers: &http::HeaderMap,
+    why: impl Fn(&http::HeaderName) -> Option<&'static str>,
+) {
+    for (name, value) in headers {
+        let line = format!("{name}: {}", String::from_utf8_lossy(value.as_bytes()));
+        match why(name) {
+            Some(why) => out.push_str(&format!("  {line:<44} (set: {why})\n")),
+            None => out.push_str(&format!("  {line}\n")),
+        }
+    }
+}
+
+/// A body, indented: pretty-printed when it is JSON.
+fn render_body(out: &mut String, body: &[u8]) {
+    let text = match serde_json::from_slice::<Value>(body) {
+        _ if body.is_empty() => "(no body)".to_owned(),
+        Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    };
+    for line in text.lines() {
+        out.push_str(&format!("  {line}\n"));
     }
 }
 

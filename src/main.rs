@@ -93,6 +93,25 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:9901/health")]
         url: String,
     },
+    /// Run adapter NAME offline on sample files: print the request vastai would get and, with
+    /// --response, the answer the client would get back. Exit 0, or 2 naming what failed.
+    Adapt {
+        /// The `[adapter.NAME]` to run.
+        name: String,
+        /// The client's request: a raw HTTP/1.1 request as recorded, or only its JSON body (then
+        /// a POST to the path_prefix of the first route naming the adapter).
+        #[arg(long, value_name = "FILE")]
+        request: PathBuf,
+        /// vastai's answer: a raw HTTP/1.1 response, a JSON body, or an SSE stream's text.
+        #[arg(long, value_name = "FILE")]
+        response: Option<PathBuf>,
+        /// Config file [default: $VASTSHIFT_CONFIG, else config/vastshift.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Print one JSON document instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run only a demo backend (for docker compose and benchmarks).
     DemoBackend {
         #[arg(long, default_value = "127.0.0.1:8000")]
@@ -137,6 +156,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::CheckConfig { path } => check_config(&path),
+        Command::Adapt {
+            name,
+            request,
+            response,
+            config,
+            json,
+        } => match runtime(Some(1)) {
+            Ok(rt) => rt.block_on(cli::adapt(
+                &config_path(config),
+                &name,
+                &request,
+                response.as_deref(),
+                json,
+            )),
+            Err(e) => {
+                eprintln!("vastshift: cannot start the runtime: {e}");
+                EXIT_ERROR
+            }
+        },
         Command::Serve {
             config,
             worker_threads,
@@ -198,10 +236,14 @@ async fn shutdown_signal() {
     }
 }
 
+/// The config file: `--config`, else `$VASTSHIFT_CONFIG`, else `config/vastshift.toml` (SPEC §1).
+fn config_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("VASTSHIFT_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("config/vastshift.toml"))
+}
+
 async fn serve(path: Option<PathBuf>) -> i32 {
-    let path = path
-        .or_else(|| std::env::var_os("VASTSHIFT_CONFIG").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("config/vastshift.toml"));
+    let path = config_path(path);
     let config = match config::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -280,7 +322,9 @@ async fn client_command(command: Command) -> i32 {
         }
         Command::Healthcheck { url } => return cli::healthcheck(&url).await,
         Command::DemoBackend { listen, name } => return demo_backend(&listen, &name).await,
-        Command::Serve { .. } | Command::CheckConfig { .. } => return EXIT_ERROR,
+        Command::Serve { .. } | Command::CheckConfig { .. } | Command::Adapt { .. } => {
+            return EXIT_ERROR
+        }
     };
     match result {
         Err(e) => {

@@ -19,6 +19,7 @@
 //! - A rewritten answer loses `Content-Length` (it is the new body's), `ETag`, `Content-MD5` and
 //!   `Digest` (they described the old body).
 
+pub mod offline;
 pub mod program;
 pub mod sse;
 
