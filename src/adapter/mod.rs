@@ -282,6 +282,19 @@ impl Adapter {
         Ok(Bytes::from(output))
     }
 
+    /// The `event` program as the stream rewriter runs it, or `None` without one: the
+    /// adapter's limits per run, one event buffered up to `max_body_bytes`, and `on_error` told
+    /// of every event that passes unchanged because the program failed on it.
+    pub fn event_program(&self, vars: Vars, on_error: sse::OnError) -> Option<sse::EventProgram> {
+        Some(sse::EventProgram {
+            program: self.event.clone()?,
+            vars,
+            limits: self.limits,
+            max_event_bytes: self.max_body_bytes,
+            on_error,
+        })
+    }
+
     /// Removes the fields that described an answer's old body.
     pub fn fit_answer(&self, headers: &mut HeaderMap) {
         headers.remove(header::CONTENT_LENGTH);

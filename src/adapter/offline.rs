@@ -10,10 +10,12 @@
 //! (`Host`, the forwarding fields, the request id, vastai's key) are not in the result, and the
 //! caller says so. A program failure is an [`AdaptError`], as at run time.
 //!
-//! Until the proxy's own SSE transformer is shared, [`run`] applies `event` to a stream here,
-//! by the rules of SPEC §10: events end at a blank line, `data` lines are joined with `\n`;
-//! `[DONE]`, data that is not JSON and events without data pass unchanged; `empty` drops the
-//! event; an event left without its blank line at the end passes unchanged.
+//! A stream is reported event by event (rewritten, dropped, or passed and why), by the rules of
+//! SPEC §10: events end at a blank line, `data` lines are joined with `\n`; `[DONE]`, data
+//! that is not JSON and events without data pass unchanged; `empty` drops the event; an event
+//! left without its blank line at the end passes unchanged. The stream's text the client would
+//! get is the proxy's own rewriter ([`super::sse::Events`]) run over the sample, so what is
+//! printed is what the proxy sends; unlike the proxy, a failing event is an error here.
 //!
 //! Samples are parsed with `httparse`; nothing here panics on any input.
 
@@ -547,7 +549,7 @@ async fn adapt_answer(
         adapter.fit_answer(&mut headers);
         let text = String::from_utf8_lossy(&body);
         let events = adapt_events(adapter, program, vars, &text).await?;
-        let text = events.iter().map(|e| e.text.as_str()).collect();
+        let text = stream_text(adapter, vars, body).await;
         AnswerBody::Events { events, text }
     } else {
         let why = if !status.is_success() {
@@ -569,6 +571,20 @@ async fn adapt_answer(
         headers,
         body,
     })
+}
+
+/// The stream the client gets: the proxy's rewriter over the whole sample.
+async fn stream_text(adapter: &Adapter, vars: &Vars, body: Bytes) -> String {
+    use http_body_util::BodyExt;
+    let Some(events) = adapter.event_program(vars.clone(), std::sync::Arc::new(|_: &str| {}))
+    else {
+        return String::from_utf8_lossy(&body).into_owned();
+    };
+    let rewritten = super::sse::Events::new(http_body_util::Full::new(body), events).collect();
+    match rewritten.await {
+        Ok(collected) => String::from_utf8_lossy(&collected.to_bytes()).into_owned(),
+        Err(never) => match never {},
+    }
 }
 
 /// A stream's text cut into its events, each run through the `event` program.

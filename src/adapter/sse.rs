@@ -729,9 +729,13 @@ mod tests {
         send(&tx, "\"}\r\n\r");
         assert_eq!(next(&mut body).await, "\"}\r\n\r");
         send(&tx, "\ndata: {\"a\":1}\n\n");
-        // The `\n` goes out while the next event's run is pending.
-        assert_eq!(next(&mut body).await, "\n");
-        assert_eq!(next(&mut body).await, "data: {\"v\":1}\n\n");
+        // The `\n` goes out first, alone while the next event's run is pending, or with the
+        // event when the run was done by the time of the poll.
+        let mut out = next(&mut body).await;
+        if out == "\n" {
+            out.push_str(&next(&mut body).await);
+        }
+        assert_eq!(out, "\ndata: {\"v\":1}\n\n");
         assert_eq!(seen.lock().unwrap().len(), 1);
         assert!(seen.lock().unwrap()[0].starts_with("event larger than 32 bytes"));
     }

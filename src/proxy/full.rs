@@ -654,21 +654,14 @@ fn events_body(
     adapter: Arc<Adapter>,
     vars: Vars,
 ) -> Body {
-    let Some(program) = adapter.event.clone() else {
-        return body;
-    };
     let metrics = Arc::clone(metrics);
     let name = adapter.name.clone();
     let on_error: crate::adapter::sse::OnError = Arc::new(move |message: &str| {
         metrics.adapter_error(&name, crate::adapter::Stage::Event);
         tracing::debug!(adapter = %name, error = message, "event passed unchanged");
     });
-    let events = crate::adapter::sse::EventProgram {
-        program,
-        vars,
-        limits: adapter.limits,
-        max_event_bytes: adapter.max_body_bytes,
-        on_error,
+    let Some(events) = adapter.event_program(vars, on_error) else {
+        return body;
     };
     crate::adapter::sse::Events::new(body, events).boxed_unsync()
 }

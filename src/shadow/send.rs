@@ -265,17 +265,11 @@ impl AdaptedMirror<'_> {
     /// and passes, as it does for a client.
     async fn events(&self, bytes: Bytes) -> Result<Bytes, UpstreamError> {
         use http_body_util::BodyExt;
-        let Some(program) = self.adapter.event.clone() else {
-            return Ok(bytes);
-        };
         let metrics = Arc::clone(self.metrics);
         let name = self.adapter.name.clone();
-        let events = crate::adapter::sse::EventProgram {
-            program,
-            vars: self.vars.clone(),
-            limits: self.adapter.limits,
-            max_event_bytes: self.adapter.max_body_bytes,
-            on_error: Arc::new(move |_: &str| metrics.adapter_error(&name, Stage::Event)),
+        let on_error = Arc::new(move |_: &str| metrics.adapter_error(&name, Stage::Event));
+        let Some(events) = self.adapter.event_program(self.vars.clone(), on_error) else {
+            return Ok(bytes);
         };
         let body = http_body_util::Full::new(bytes);
         match crate::adapter::sse::Events::new(body, events)
